@@ -1,0 +1,118 @@
+"""Site-layer overhead: nbfeatures (nnsight) against raw torch forward hooks doing the same work.
+
+    python benchmarks/bench_sites.py [--model stories] [--batch 32] [--seq 128] [--reps 30]
+
+Each row times one operation both ways in the same run (median of --reps after warm-up) and
+prints the ratio nbfeatures / hook. Target: every ratio at most 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import nbfeatures as nbf
+
+
+class _Stop(Exception):
+    pass
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def tiny_gpt2() -> tuple[nn.Module, None]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=512, n_positions=256, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval(), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a zoo name or model folder; default: a random 4-layer GPT-2, d=128")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=30)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_grad_enabled(False)
+
+    if args.model:
+        model = nbf.load_model(args.model) if hasattr(nbf, "load_model") else nbf.wrap(args.model)
+    else:
+        model = nbf.wrap(tiny_gpt2()[0])
+    hf = nbf.unwrap(model)
+    names = nbf.site_names(model)
+    n_layers = (len(names) - 1) // 6
+    mid, last = f"blocks.{n_layers // 2 - 1}.hook_resid_post", f"blocks.{n_layers - 1}.hook_resid_post"
+    mid_mod, last_mod = (hf.get_submodule(nbf.resolve(model, s).module) for s in (mid, last))
+    d = hf.config.hidden_size if hasattr(hf.config, "hidden_size") else hf.config.n_embd
+    ids = torch.randint(0, hf.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    vector = torch.randn(d)
+    sae = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d))  # a stand-in dictionary
+
+    def out0(o):
+        return o[0] if isinstance(o, tuple) else o
+
+    def hook_read():
+        store = {}
+
+        def grab(key, stop):
+            def hook(m, a, o):
+                store[key] = out0(o)
+                if stop:
+                    raise _Stop
+            return hook
+
+        hs = [mid_mod.register_forward_hook(grab(mid, False)), last_mod.register_forward_hook(grab(last, True))]
+        try:
+            hf(ids)
+        except _Stop:
+            pass
+        finally:
+            for h in hs:
+                h.remove()
+        return store
+
+    def hook_edit(fn):
+        h = mid_mod.register_forward_hook(lambda m, a, o: fn(out0(o)))
+        try:
+            return hf(ids).logits
+        finally:
+            h.remove()
+
+    rows = [
+        ("plain forward (no hooks)", lambda: hf(ids).logits, lambda: hf(ids).logits),
+        (f"read_acts at 2 sites (stops after {last})", lambda: nbf.read_acts(model, ids, [mid, last]), hook_read),
+        ("splice a 4x dictionary", lambda: nbf.run(model, ids, [nbf.Splice(mid, sae)]).logits, lambda: hook_edit(sae)),
+        ("steer all positions", lambda: nbf.run(model, ids, [nbf.Steer(mid, vector, 4.0)]).logits, lambda: hook_edit(lambda x: x + 4.0 * vector)),
+    ]
+    print(f"model: {type(hf).__name__} {n_layers} layers, d={d}; batch {args.batch}x{args.seq}; torch threads {torch.get_num_threads()}")
+    print(f"{'operation':<58} {'nbfeatures ms':>14} {'hook ms':>9} {'ratio':>7}")
+    worst = 0.0
+    for label, ours, ref in rows:
+        t_ours, t_ref = timed(ours, args.reps), timed(ref, args.reps)
+        ratio = t_ours / t_ref
+        if label != "plain forward (no hooks)":
+            worst = max(worst, ratio)
+        print(f"{label:<58} {t_ours:>14.2f} {t_ref:>9.2f} {ratio:>7.2f}")
+    print(f"worst ratio {worst:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
