@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# Extra JupyterLab flags, e.g. `make lab LAB_ARGS="--no-browser --port 8899"`.
+LAB_ARGS ?=
+ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: install
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks 00_quickstart.ipynb
+	cd notebooks && ../$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) 00_quickstart.ipynb
 
 # The whole suite: unit tests, then every tutorial notebook executed by nbmake.
 test: install
