@@ -1,0 +1,103 @@
+"""What every dictionary shares: the output contract, sparse kernels, decoder-norm helpers, init.
+
+Any dictionary-like module (TopK SAE, ReLU SAE, binary autoencoder, codebook) has
+`encode(x) -> latents [N, F]`, `decode(latents) -> x_hat [N, D]` and `forward(x)` returning a
+NamedTuple whose first field is `x_hat`, so the site layer can splice any of them.
+
+Sparse kernels (cost grows with K, not F):
+    gather_pre(x, W_enc, b_enc, idx, pre)  = pre[n, idx[n, j]]  whose backward touches only the K chosen columns
+    sparse_decode(acts, idx, W_dec)        = sum_j acts[n, j] W_dec[idx[n, j]]   (an embedding bag)
+
+Dimension key: N tokens, D input dim, F latents, K active latents.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _GatherPre(torch.autograd.Function):
+    """out[n, j] = x[n] . W_enc[:, idx[n, j]] + b_enc[idx[n, j]], reusing the dense `pre` for the value.
+
+    The backward is sparse: grad W_enc[:, f] = sum over (n, j) with idx[n, j] = f of g[n, j] x[n],
+    a [F, N] sparse by [N, D] dense product, instead of the dense x^T grad_pre of autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, pre_NF: Tensor) -> Tensor:
+        ctx.save_for_backward(x_ND, W_enc_DF, idx_NK)
+        return pre_NF.gather(1, idx_NK)
+
+    @staticmethod
+    def backward(ctx, g_NK: Tensor):
+        x_ND, W_enc_DF, idx_NK = ctx.saved_tensors
+        N, K = idx_NK.shape
+        F_ = W_enc_DF.shape[1]
+        g_NK = g_NK.contiguous()
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(idx_NK, W_enc_DF.t().contiguous(), per_sample_weights=g_NK, mode="sum")
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(N, device=idx_NK.device).repeat_interleave(K)
+            G_FN = torch.sparse_coo_tensor(
+                torch.stack([idx_NK.reshape(-1), rows]), g_NK.reshape(-1), (F_, N), check_invariants=False
+            ).coalesce()
+            grad_W = torch.sparse.mm(G_FN, x_ND).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(F_, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+def gather_pre(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, pre_NF: Tensor) -> Tensor:
+    """The pre-activations at the chosen latents, differentiable with a sparse backward."""
+    return _GatherPre.apply(x_ND, W_enc_DF, b_enc_F, idx_NK, pre_NF)
+
+
+def sparse_decode(acts_NK: Tensor, idx_NK: Tensor, W_dec_FD: Tensor) -> Tensor:
+    """sum_j acts[n, j] W_dec[idx[n, j]]: only the K active decoder rows are read (and get gradients)."""
+    return F.embedding_bag(idx_NK, W_dec_FD, per_sample_weights=acts_NK.to(W_dec_FD.dtype), mode="sum")
+
+
+def dense_from_sparse(acts_NK: Tensor, idx_NK: Tensor, n_latents: int) -> Tensor:
+    """[N, K] values at [N, K] indices -> dense [N, F]."""
+    return torch.zeros(acts_NK.shape[0], n_latents, dtype=acts_NK.dtype, device=acts_NK.device).scatter_(1, idx_NK, acts_NK)
+
+
+@torch.no_grad()
+def unit_norm_rows_(W_FD: Tensor) -> None:
+    W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W_FD: Tensor) -> None:
+    """Drop the gradient component along each (unit) decoder row, so a step moves it on the sphere."""
+    if W_FD.grad is not None:
+        W_FD.grad.sub_((W_FD.grad * W_FD).sum(dim=1, keepdim=True) * W_FD)
+
+
+@torch.no_grad()
+def geometric_median(x_ND: Tensor, iters: int = 100, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows."""
+    x_ND = x_ND.double()
+    m = x_ND.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x_ND - m).norm(dim=1).clamp_min(eps)
+        m_next = (w[:, None] * x_ND).sum(0) / w.sum()
+        if (m_next - m).norm() < 1e-7 * m.norm().clamp_min(1.0):
+            m = m_next
+            break
+        m = m_next
+    return m.float()
+
+
+def check_input(name: str, x: Tensor, d_in: int, dtype: torch.dtype) -> Tensor:
+    """Flatten leading dims; reject a wrong width, non-float dtype or non-finite values by name."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: input must be a Tensor, got {type(x).__name__}")
+    if x.shape[-1] != d_in:
+        raise ValueError(f"{name}: input has width {x.shape[-1]} (shape {list(x.shape)}), expected d_in={d_in}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: input dtype {x.dtype} is not floating point")
+    return x.reshape(-1, d_in).to(dtype)

@@ -1,0 +1,180 @@
+"""TopK sparse autoencoder (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    pre = W_enc^T (x - b_dec) + b_enc          latents = relu(topk_k(pre))          x_hat = W_dec^T latents + b_dec
+    loss = FVU(x_hat, x) + 1/32 * FVU(e_hat, x - x_hat)      (AuxK: e_hat decodes the top k_aux dead latents)
+
+Training keeps decoder rows unit-norm (renormalised after each step, the gradient's component
+along each row removed before it). The encoder's dense matmul is the only O(N F D) work: the
+chosen values are re-gathered with a sparse backward and decoded as an embedding bag.
+
+Dimension key: N tokens, D input dim (d_in), F latents (d_sae), K active latents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import check_input, dense_from_sparse, gather_pre, geometric_median, remove_parallel_grad_, sparse_decode, unit_norm_rows_
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    d_in: int  # width of the activations
+    d_sae: int  # number of latents
+    k: int = 32  # active latents per token
+
+    def __post_init__(self):
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"need d_in > 0 and d_sae > 0, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"need 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+
+    @property
+    def default_lr(self) -> float:
+        """Adam learning rate scaled as 1/sqrt(d_sae / 2^14) (Gao et al.; sparsify's 2e-4 base)."""
+        return 2e-4 / math.sqrt(self.d_sae / 2**14)
+
+
+class TopKOutput(NamedTuple):
+    x_hat: Tensor  # [..., D]
+    acts: Tensor  # [..., K] values of the active latents (>= 0)
+    indices: Tensor  # [..., K] which latents
+    pre_acts: Tensor  # [..., F] before top-k, no gradient (AuxK picks dead latents from it)
+
+    @property
+    def latents(self) -> Tensor:
+        """Dense [..., F] latents, at most K nonzero per token."""
+        F_ = self.pre_acts.shape[-1]
+        flat = dense_from_sparse(self.acts.reshape(-1, self.acts.shape[-1]), self.indices.reshape(-1, self.indices.shape[-1]), F_)
+        return flat.reshape(*self.acts.shape[:-1], F_)
+
+
+class TopKSAE(nn.Module):
+    """TopK SAE with SAELens-layout parameters: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]."""
+
+    architecture = "topk"
+
+    def __init__(self, cfg: TopKConfig, seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # "tied" init: the encoder starts as the decoder's transpose
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample_ND: Tensor) -> None:
+        """b_dec = geometric median of a sample of activations (Gao et al.)."""
+        self.b_dec.copy_(geometric_median(check_input("init_b_dec_", sample_ND, self.cfg.d_in, torch.float32)))
+
+    def encode_topk(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending."""
+        k = k or self.cfg.k
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+            idx = pre.topk(k, dim=1, sorted=True).indices
+        if torch.is_grad_enabled():
+            vals = gather_pre(x - self.b_dec, self.W_enc, self.b_enc, idx, pre)
+        else:
+            vals = pre.gather(1, idx)
+        return torch.relu(vals), idx, pre
+
+    def decode_sparse(self, acts: Tensor, indices: Tensor) -> Tensor:
+        return sparse_decode(acts, indices, self.W_dec) + self.b_dec
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents [..., F]."""
+        return self(x).latents
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Dense latents [..., F] -> x_hat [..., D] (the obvious, dense decode)."""
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> TopKOutput:
+        lead = x.shape[:-1]
+        flat = check_input(type(self).__name__, x, self.cfg.d_in, self.W_enc.dtype)
+        acts, idx, pre = self.encode_topk(flat)
+        x_hat = self.decode_sparse(acts, idx).to(x.dtype)
+        return TopKOutput(x_hat.reshape(*lead, -1), acts.reshape(*lead, -1), idx.reshape(*lead, -1), pre.reshape(*lead, -1))
+
+    # training hooks the shared loop calls around each optimiser step
+    def before_step_(self) -> None:
+        remove_parallel_grad_(self.W_dec)
+
+    def after_step_(self) -> None:
+        unit_norm_rows_(self.W_dec)
+
+    def config_dict(self) -> dict:
+        return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae, "k": self.cfg.k}
+
+
+def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum (x_hat - x)^2 / sum (x - mean x)^2 over the batch."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class TopKObjective:
+    """FVU + aux_coef * AuxK, optionally + FVU at 4k / 8 (Multi-TopK); tracks dead latents.
+
+    A latent is dead once it has not fired for `dead_tokens` tokens. AuxK reconstructs the
+    detached residual x - x_hat from the top `k_aux` dead latents (no b_dec: the residual has
+    none), with the same FVU reduction as the main loss, so the two terms are on one scale.
+    """
+
+    def __init__(self, sae: TopKSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
+                 dead_tokens: int = 10_000_000, multi_topk: bool = False):
+        if aux_coef < 0:
+            raise ValueError(f"aux_coef must be >= 0, got {aux_coef}")
+        if dead_tokens <= 0:
+            raise ValueError(f"dead_tokens must be > 0, got {dead_tokens}")
+        self.sae, self.aux_coef, self.multi_topk = sae, aux_coef, multi_topk
+        self.k_aux = k_aux or sae.cfg.d_in // 2
+        self.dead_tokens = dead_tokens
+        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        sae, k = self.sae, self.sae.cfg.k
+        acts_all, idx_all, pre = sae.encode_topk(x, 4 * k if self.multi_topk else k)
+        acts, idx = acts_all[:, :k], idx_all[:, :k]
+        x_hat = sae.decode_sparse(acts, idx)
+        main = fvu(x_hat, x)
+        loss = main
+        logs = {"fvu": main.item(), "l0": (acts > 0).sum(1).float().mean().item()}
+        if self.multi_topk:
+            multi = fvu(sae.decode_sparse(acts_all, idx_all), x)
+            loss = loss + multi / 8
+            logs["fvu_4k"] = multi.item()
+        dead = self._update_dead(acts, idx)
+        logs["dead_fraction"] = dead.float().mean().item()
+        if self.aux_coef > 0 and bool(dead.any()):
+            k_aux = min(self.k_aux, int(dead.sum()))
+            idx_aux = pre.masked_fill(~dead.to(pre.device), float("-inf")).topk(k_aux, dim=1).indices
+            vals_aux = torch.relu(gather_pre(x - sae.b_dec, sae.W_enc, sae.b_enc, idx_aux, pre))
+            e = (x - x_hat).detach()
+            aux = fvu(sparse_decode(vals_aux, idx_aux, sae.W_dec), e)
+            loss = loss + self.aux_coef * aux
+            logs["aux_loss"] = aux.item()
+        logs["loss"] = loss.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def _update_dead(self, acts: Tensor, idx: Tensor) -> Tensor:
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        fired[idx[acts > 0].cpu()] = True
+        self.tokens_since_fired += acts.shape[0]
+        self.tokens_since_fired[fired] = 0
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"tokens_since_fired": self.tokens_since_fired.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.tokens_since_fired = state["tokens_since_fired"].clone().long()
