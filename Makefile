@@ -4,7 +4,7 @@ VENV   ?= .venv
 # The torch build to install. The default is the CPU wheel this project's machines
 # carry; override for a CUDA build, e.g. `make test TORCH=torch==2.13.0`.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= lab,dev
+EXTRAS ?= lab,dev,saelens
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(EXTRAS)
 

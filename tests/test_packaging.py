@@ -31,7 +31,7 @@ def conda_pip_requirements():
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     project = pyproject()
     declared = [Requirement(r) for r in project["dependencies"]]
-    declared += [Requirement(r) for extra in ("lab", "dev") for r in project["optional-dependencies"][extra]]
+    declared += [Requirement(r) for extra in ("lab", "dev", "saelens") for r in project["optional-dependencies"][extra]]
     conda = conda_pip_requirements()
     assert sorted(conda) == sorted(r.name for r in declared)
     for r in declared:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from nbfeatures.sae.base import gather_pre, geometric_median, sparse_decode
-from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE, fvu
+from nbfeatures.sae.base import fvu, gather_pre, geometric_median, sparse_decode
+from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE
 
 
 def dense_reference(sae, x, k):
@@ -82,7 +82,7 @@ def test_objective_with_auxk_matches_dense_reference():
     sae = make(d_in=16, d_sae=64, k=4)
     obj = TopKObjective(sae, aux_coef=0.5, k_aux=8, dead_tokens=1)
     x = torch.randn(30, 16)
-    obj.tokens_since_fired[:] = 5  # everything starts dead except what fires in this batch
+    obj.firing.tokens_since_fired[:] = 5  # everything starts dead except what fires in this batch
     loss, logs = obj(x)
     loss.backward()
     fast = grads(sae)
@@ -109,15 +109,15 @@ def test_dead_latent_tracking_counts_tokens():
     with torch.no_grad():
         _, logs = obj(x)
     fired = sae(x).indices.unique()
-    assert (obj.tokens_since_fired[fired] == 0).all()
+    assert (obj.firing.tokens_since_fired[fired] == 0).all()
     others = torch.ones(64, dtype=torch.bool)
     others[fired] = False
-    assert (obj.tokens_since_fired[others] == 30).all()
+    assert (obj.firing.tokens_since_fired[others] == 30).all()
     assert logs["dead_fraction"] == 0.0
     for _ in range(3):
         with torch.no_grad():
             obj(x)
-    assert obj.tokens_since_fired[others].min() == 120  # 4 batches of 30 tokens, never fired: dead
+    assert obj.firing.tokens_since_fired[others].min() == 120  # 4 batches of 30 tokens, never fired: dead
     with torch.no_grad():
         assert obj(x)[1]["dead_fraction"] == pytest.approx(others.float().mean().item())
 
@@ -179,3 +179,5 @@ def test_bad_config_and_input():
         sae(torch.ones(3, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="aux_coef"):
         TopKObjective(sae, aux_coef=-1)
+    with pytest.raises(ValueError, match="dead_tokens must be > 0"):
+        TopKObjective(sae, dead_tokens=0)

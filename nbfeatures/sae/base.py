@@ -101,3 +101,31 @@ def check_input(name: str, x: Tensor, d_in: int, dtype: torch.dtype) -> Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{name}: input dtype {x.dtype} is not floating point")
     return x.reshape(-1, d_in).to(dtype)
+
+
+class FiringTracker:
+    """Tokens since each latent last fired; a latent is dead once that reaches `dead_tokens`."""
+
+    def __init__(self, n_latents: int, dead_tokens: int):
+        if dead_tokens <= 0:
+            raise ValueError(f"dead_tokens must be > 0, got {dead_tokens}")
+        self.dead_tokens = dead_tokens
+        self.tokens_since_fired = torch.zeros(n_latents, dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, fired_F: Tensor, n_tokens: int) -> Tensor:
+        """Record one batch (fired_F: bool [F]); return the dead mask [F]."""
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired_F.cpu()] = 0
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"tokens_since_fired": self.tokens_since_fired.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.tokens_since_fired = state["tokens_since_fired"].clone().long()
+
+
+def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Fraction of variance unexplained: sum (x_hat - x)^2 / sum (x - mean x)^2 over the batch."""
+    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)

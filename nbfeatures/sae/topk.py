@@ -19,7 +19,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_input, dense_from_sparse, gather_pre, geometric_median, remove_parallel_grad_, sparse_decode, unit_norm_rows_
+from .base import (
+    FiringTracker, check_input, dense_from_sparse, fvu, gather_pre, geometric_median, remove_parallel_grad_, sparse_decode,
+    unit_norm_rows_,
+)
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,6 @@ class TopKSAE(nn.Module):
         return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae, "k": self.cfg.k}
 
 
-def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Fraction of variance unexplained: sum (x_hat - x)^2 / sum (x - mean x)^2 over the batch."""
-    return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-
-
 class TopKObjective:
     """FVU + aux_coef * AuxK, optionally + FVU at 4k / 8 (Multi-TopK); tracks dead latents.
 
@@ -133,12 +131,9 @@ class TopKObjective:
                  dead_tokens: int = 10_000_000, multi_topk: bool = False):
         if aux_coef < 0:
             raise ValueError(f"aux_coef must be >= 0, got {aux_coef}")
-        if dead_tokens <= 0:
-            raise ValueError(f"dead_tokens must be > 0, got {dead_tokens}")
         self.sae, self.aux_coef, self.multi_topk = sae, aux_coef, multi_topk
         self.k_aux = k_aux or sae.cfg.d_in // 2
-        self.dead_tokens = dead_tokens
-        self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+        self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         sae, k = self.sae, self.sae.cfg.k
@@ -152,7 +147,9 @@ class TopKObjective:
             multi = fvu(sae.decode_sparse(acts_all, idx_all), x)
             loss = loss + multi / 8
             logs["fvu_4k"] = multi.item()
-        dead = self._update_dead(acts, idx)
+        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=idx.device)
+        fired[idx[acts > 0]] = True
+        dead = self.firing.update(fired, x.shape[0])
         logs["dead_fraction"] = dead.float().mean().item()
         if self.aux_coef > 0 and bool(dead.any()):
             k_aux = min(self.k_aux, int(dead.sum()))
@@ -165,16 +162,8 @@ class TopKObjective:
         logs["loss"] = loss.item()
         return loss, logs
 
-    @torch.no_grad()
-    def _update_dead(self, acts: Tensor, idx: Tensor) -> Tensor:
-        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[idx[acts > 0].cpu()] = True
-        self.tokens_since_fired += acts.shape[0]
-        self.tokens_since_fired[fired] = 0
-        return self.tokens_since_fired >= self.dead_tokens
-
     def state_dict(self) -> dict[str, Tensor]:
-        return {"tokens_since_fired": self.tokens_since_fired.clone()}
+        return self.firing.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.tokens_since_fired = state["tokens_since_fired"].clone().long()
+        self.firing.load_state_dict(state)

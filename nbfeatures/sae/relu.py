@@ -1,0 +1,108 @@
+"""ReLU sparse autoencoder with an L1 penalty: the standard SAE, the e2e paper's "local" baseline.
+
+    latents = relu(W_enc^T (x - b_dec) + b_enc)          x_hat = W_dec^T latents + b_dec
+    loss = mean_elements (x_hat - x)^2 + l1_coef * mean_tokens ||latents||_1 / d_in     (Braun et al. 2024)
+
+Decoder rows are kept unit-norm, so the L1 penalty cannot be dodged by shrinking latents and
+growing decoder rows.
+
+Dimension key: N tokens, D input dim (d_in), F latents (d_sae).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import FiringTracker, check_input, fvu, geometric_median, remove_parallel_grad_, unit_norm_rows_
+
+
+@dataclass(frozen=True)
+class ReLUConfig:
+    d_in: int  # width of the activations
+    d_sae: int  # number of latents
+
+    def __post_init__(self):
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"need d_in > 0 and d_sae > 0, got d_in={self.d_in}, d_sae={self.d_sae}")
+
+
+class ReLUOutput(NamedTuple):
+    x_hat: Tensor  # [..., D]
+    latents: Tensor  # [..., F], >= 0
+    pre_acts: Tensor  # [..., F]
+
+
+class ReLUSAE(nn.Module):
+    """Standard SAE with SAELens-layout parameters: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]."""
+
+    architecture = "standard"
+
+    def __init__(self, cfg: ReLUConfig, seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample_ND: Tensor) -> None:
+        self.b_dec.copy_(geometric_median(check_input("init_b_dec_", sample_ND, self.cfg.d_in, torch.float32)))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ReLUOutput:
+        lead = x.shape[:-1]
+        flat = check_input(type(self).__name__, x, self.cfg.d_in, self.W_enc.dtype)
+        pre = (flat - self.b_dec) @ self.W_enc + self.b_enc
+        latents = torch.relu(pre)
+        x_hat = self.decode(latents).to(x.dtype)
+        return ReLUOutput(x_hat.reshape(*lead, -1), latents.reshape(*lead, -1), pre.reshape(*lead, -1))
+
+    def before_step_(self) -> None:
+        remove_parallel_grad_(self.W_dec)
+
+    def after_step_(self) -> None:
+        unit_norm_rows_(self.W_dec)
+
+    def config_dict(self) -> dict:
+        return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae}
+
+
+class ReLUObjective:
+    """MSE (mean over elements) + l1_coef * mean over tokens of ||latents||_1 / d_in; tracks dead latents."""
+
+    def __init__(self, sae: ReLUSAE, l1_coef: float = 1.0, dead_tokens: int = 10_000_000):
+        if l1_coef < 0:
+            raise ValueError(f"l1_coef must be >= 0, got {l1_coef}")
+        self.sae, self.l1_coef = sae, l1_coef
+        self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        out = self.sae(x)
+        mse = (out.x_hat - x).pow(2).mean()
+        l1 = out.latents.abs().sum(-1).mean() / self.sae.cfg.d_in
+        loss = mse + self.l1_coef * l1
+        active = out.latents > 0
+        dead = self.firing.update(active.any(0), x.shape[0])
+        return loss, {
+            "loss": loss.item(), "mse": mse.item(), "l1": l1.item(), "fvu": fvu(out.x_hat.detach(), x).item(),
+            "l0": active.sum(-1).float().mean().item(), "dead_fraction": dead.float().mean().item(),
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.firing.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.firing.load_state_dict(state)
