@@ -1,0 +1,92 @@
+"""Evaluate a dictionary at a site of a model: reconstruction, sparsity, and what splicing costs.
+
+Per batch, three forward passes: clean, with the dictionary's x_hat spliced in, and with the
+site zero-ablated. Sums are accumulated over all real tokens, so the numbers do not depend on
+how the tokens were batched:
+
+    ce_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)        kl = KL(P_clean || P_sae)
+    fvu = sum (x - x_hat)^2 / sum (x - mean x)^2                     l0 = mean active latents per token
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import metrics, sites
+from .edits import Ablate, Splice
+from .harvest import token_batches
+
+
+def _nll_and_kl(logits: Tensor, ref_logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token next-token NLL [B, T-1] and KL(P_ref || P) [B, T-1], zero where masked."""
+    logp = F.log_softmax(logits[:, :-1].float(), -1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ref = F.log_softmax(ref_logits[:, :-1].float(), -1)
+    kl = (ref.exp() * (ref - logp)).sum(-1)
+    m = mask[:, 1:].float()
+    return nll * m, kl * m
+
+
+@torch.no_grad()
+def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, batch_size: int = 16,
+                 drop_first: bool = True) -> dict[str, Any]:
+    """Metrics of `sae` spliced at `site` over `tokens`; `density` is each latent's firing rate [F]."""
+    sums: dict[str, float] = dict(nll_clean=0.0, nll_sae=0.0, nll_zero=0.0, kl=0.0, n_pred=0.0, sq_err=0.0, sq=0.0,
+                                  l0=0.0, n_tok=0.0, norm_ratio=0.0)
+    sum_x = None
+    fired = None
+    for batch in token_batches(tokens, batch_size):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        clean = sites.run(model, batch, read=[site])
+        spliced = sites.run(model, batch, [Splice(site, sae)])
+        zero = sites.run(model, batch, [Ablate(site)])
+        ids, mask = ids.to(clean.logits.device), mask.to(clean.logits.device)
+        for name, out in (("clean", clean), ("sae", spliced), ("zero", zero)):
+            nll, kl = _nll_and_kl(out.logits, clean.logits, ids, mask)
+            sums[f"nll_{name}"] += nll.sum().item()
+            if name == "sae":
+                sums["kl"] += kl.sum().item()
+        sums["n_pred"] += mask[:, 1:].sum().item()
+
+        keep = mask.bool().clone()
+        if drop_first:
+            keep[:, 0] = False
+        x = clean.acts[site][keep].flatten(1).float()
+        sae_out = spliced.outputs[site]
+        x_hat = sae_out.x_hat[keep].flatten(1).float()
+        latents = sae_out.latents[keep]
+        latents = latents.reshape(len(x), -1)
+        sums["sq_err"] += (x_hat - x).pow(2).sum().item()
+        sums["sq"] += x.pow(2).sum().item()
+        sum_x = x.sum(0) if sum_x is None else sum_x + x.sum(0)
+        sums["l0"] += (latents != 0).sum().item()
+        sums["n_tok"] += len(x)
+        sums["norm_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        f = (latents != 0).sum(0)
+        fired = f if fired is None else fired + f
+    n = sums["n_tok"]
+    if n == 0:
+        raise ValueError("no tokens to evaluate")
+    variance = sums["sq"] - sum_x.pow(2).sum().item() / n
+    ce = {k: sums[f"nll_{k}"] / sums["n_pred"] for k in ("clean", "sae", "zero")}
+    density = fired.float() / n
+    return {
+        "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero": ce["zero"],
+        "ce_increase": ce["sae"] - ce["clean"],
+        "ce_recovered": metrics.ce_recovered(ce["clean"], ce["sae"], ce["zero"]),
+        "kl": sums["kl"] / sums["n_pred"],
+        "fvu": sums["sq_err"] / max(variance, 1e-12),
+        "explained_variance": 1 - sums["sq_err"] / max(variance, 1e-12),
+        "nmse": sums["sq_err"] / max(sums["sq"], 1e-12),
+        "mse": sums["sq_err"] / (n * sum_x.numel()),
+        "l0": sums["l0"] / n,
+        "l2_ratio": sums["norm_ratio"] / n,
+        "dead_fraction": metrics.dead_fraction(density),
+        "dense_fraction": metrics.dense_fraction(density),
+        "n_tokens": int(n),
+        "density": density.cpu(),
+    }

@@ -1,0 +1,57 @@
+"""evaluate_sae against direct computations on a tiny model."""
+
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import VOCAB
+from nbfeatures import metrics, sites
+from nbfeatures.edits import Ablate
+from nbfeatures.evals import evaluate_sae
+from nbfeatures.sae.topk import TopKConfig, TopKSAE
+
+SITE = "blocks.0.hook_resid_post"
+
+
+class Out(NamedTuple):
+    x_hat: torch.Tensor
+    latents: torch.Tensor
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return Out(x, x)
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, VOCAB - 1, (12, 10), generator=torch.Generator().manual_seed(2))
+
+
+def test_identity_dictionary_is_perfect(model, tokens):
+    r = evaluate_sae(model, Identity(), SITE, tokens, batch_size=5)
+    assert r["ce_recovered"] == pytest.approx(1.0)
+    assert r["kl"] == pytest.approx(0.0, abs=1e-6) and r["fvu"] == pytest.approx(0.0, abs=1e-9)
+    assert r["ce_increase"] == pytest.approx(0.0, abs=1e-6)
+    assert r["n_tokens"] == 12 * 9 and r["l2_ratio"] == pytest.approx(1.0)
+
+
+def test_matches_direct_computation_and_ignores_batching(model, tokens):
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(32, 64, 4))
+    a = evaluate_sae(model, sae, SITE, tokens, batch_size=12)
+    b = evaluate_sae(model, sae, SITE, tokens, batch_size=5)
+    for key in ("ce_clean", "ce_sae", "ce_zero", "kl", "fvu", "l0", "nmse"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    with torch.no_grad():
+        clean = sites.run(model, tokens, read=[SITE])
+        zero = sites.run(model, tokens, [Ablate(SITE)])
+        x = clean.acts[SITE][:, 1:].reshape(-1, 32)
+        out = sae(x)
+    assert a["ce_clean"] == pytest.approx(metrics.cross_entropy(clean.logits, tokens), rel=1e-5)
+    assert a["ce_zero"] == pytest.approx(metrics.cross_entropy(zero.logits, tokens), rel=1e-5)
+    assert a["fvu"] == pytest.approx(metrics.fvu(out.x_hat, x), rel=1e-4)
+    assert a["l0"] == pytest.approx(metrics.l0(out.latents), rel=1e-6)
+    assert a["density"].shape == (64,) and a["ce_sae"] > a["ce_clean"]
