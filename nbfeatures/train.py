@@ -105,7 +105,8 @@ def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Callable
         if not math.isfinite(loss.item()):
             raise ValueError(f"step {step}: loss is {loss.item()}; lower the learning rate or check the activations")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # not loss.backward(): importing nnsight patches Tensor.backward to look for a `with` block first
+        torch.autograd.backward(loss)
         if hasattr(sae, "before_step_"):
             sae.before_step_()
         if cfg.grad_clip:
