@@ -223,7 +223,8 @@ class TensorSource:
             self._epoch = epoch
             self._perm = torch.randperm(len(self.acts), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         rows = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-        return torch.as_tensor(self.acts[rows.sort().values.numpy() if isinstance(self.acts, _ShardedTable) else rows]).float()
+        out = torch.as_tensor(self.acts[rows.sort().values.numpy() if isinstance(self.acts, _ShardedTable) else rows])
+        return out if not out.is_floating_point() else out.float()
 
 
 class ModelSource:
@@ -262,3 +263,15 @@ class ModelSource:
         if len(rows) < self.batch_size:  # a short last buffer wraps around
             rows = torch.cat([rows, self._buffer[: self.batch_size - len(rows)]])
         return rows
+
+
+class TokenSource:
+    """Batches of token sequences [B, T] for objectives that run the model (end-to-end SAEs)."""
+
+    def __init__(self, tokens: Tensor, batch_size: int, seed: int = 0):
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError(f"TokenSource needs an integer tensor [N, T]; got {type(tokens).__name__}")
+        self.rows = TensorSource(tokens, batch_size, seed)
+
+    def batch(self, step: int) -> Tensor:
+        return self.rows.batch(step).long()

@@ -115,7 +115,8 @@ def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Callable
         if hasattr(sae, "after_step_"):
             sae.after_step_()
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "tokens": (step + 1) * len(x),
+            n_tok = x.numel() if not x.is_floating_point() else len(x)  # token batches [B, T] or activations [N, D]
+            row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "tokens": (step + 1) * n_tok,
                    "elapsed_s": time.perf_counter() - t0, **logs}
             history.append(row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "fvu", "l0", "dead_fraction")})

@@ -1,0 +1,120 @@
+"""End-to-end sparse dictionary learning (Braun et al. 2024): train an SAE spliced into a frozen model.
+
+    local:   L = MSE(x_hat, x) + sparsity
+    e2e:     L = KL(P_clean || P_spliced) + sparsity
+    e2e+ds:  L = kl_coef * KL(P_clean || P_spliced) + sparsity + beta / L_ds * sum_k MSE(a_k spliced, a_k clean)
+    kl+mse:  L = alpha * KL + MSE, alpha = (MSE / KL).detach()   (the cheap recipe: finetune a local SAE briefly)
+
+KL direction: the clean model's next-token distribution P_clean is the target, so the loss is
+KL(P_clean || P_spliced) = sum_v P_clean (log P_clean - log P_spliced), averaged over tokens. The
+reference code computes this direction although its docstring says the reverse. Sparsity is
+l1_coef * mean_tokens ||c||_1 / d_in for ReLU SAEs (the paper's lambda / dim) and none for TopK.
+The downstream sites a_k are the residual stream entering every later block (hook_resid_pre).
+
+Dimension key: B sequences, T positions, V vocab, D width at the site, F latents.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import sites
+from ..edits import Splice
+from .relu import ReLUSAE
+
+Kind = Literal["local", "e2e", "e2e+ds", "kl+mse"]
+
+
+def kl_clean_to_spliced(logits_clean: Tensor, logits_spliced: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(P_clean || P_spliced) per token, averaged over (unmasked) tokens; differentiable in logits_spliced."""
+    lp = F.log_softmax(logits_clean.float(), dim=-1)
+    lq = F.log_softmax(logits_spliced.float(), dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    if mask is None:
+        return kl.mean()
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1)
+
+
+def downstream_sites(model: sites.Model, site: str) -> list[str]:
+    """hook_resid_pre of every block after the one the site writes into (empty for the last block)."""
+    n_layers = (len(sites.site_names(model)) - 1) // 6
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site)
+    if not m or n_layers <= 0:
+        raise ValueError(f"downstream sites need a TransformerLens block site like blocks.2.hook_resid_pre; got {site!r}")
+    block, hook = int(m.group(1)), m.group(2)
+    first = block + 2 if hook == "hook_resid_post" else block + 1
+    return [f"blocks.{j}.hook_resid_pre" for j in range(first, n_layers)]
+
+
+class E2EObjective:
+    """Loss for an SAE spliced at `site` of a frozen `model`; batches are token ids [B, T].
+
+    The model's parameters are frozen (requires_grad off), so only the SAE learns. The clean
+    pass runs without gradients and, for `local`, stops after the site.
+    """
+
+    def __init__(self, model: sites.Model, sae: nn.Module, site: str, kind: Kind = "e2e", *, l1_coef: float = 0.0,
+                 kl_coef: float | None = None, beta: float = 0.0, mask_first: bool = True):
+        if kind not in ("local", "e2e", "e2e+ds", "kl+mse"):
+            raise ValueError(f"kind must be 'local', 'e2e', 'e2e+ds' or 'kl+mse'; got {kind!r}")
+        for name, value in (("l1_coef", l1_coef), ("beta", beta), ("kl_coef", kl_coef or 0.0)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if kind == "e2e+ds" and beta == 0:
+            raise ValueError("kind='e2e+ds' needs beta > 0 (the downstream MSE weight)")
+        sites.resolve(model, site)
+        self.model, self.sae, self.site, self.kind = model, sae, site, kind
+        self.l1_coef, self.beta, self.mask_first = l1_coef, beta, mask_first
+        self.kl_coef = kl_coef if kl_coef is not None else (0.5 if kind == "e2e+ds" else 1.0)
+        self.downstream = downstream_sites(model, site) if kind == "e2e+ds" else []
+        for p in sites.unwrap(model).parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        if self.mask_first:
+            mask[:, 0] = False  # the first position's activation norm dwarfs the rest
+        with torch.no_grad():
+            if self.kind == "local":
+                clean_acts, clean_logits = sites.read_acts(self.model, tokens, self.site), None
+            else:
+                clean = sites.run(self.model, tokens, read=[self.site, *self.downstream])
+                clean_acts, clean_logits = clean.acts, clean.logits
+        x = clean_acts[self.site]
+        logs: dict[str, float] = {}
+        if self.kind == "local":
+            out = self.sae(x)
+        else:
+            spliced = sites.run(self.model, tokens, [Splice(self.site, self.sae)], read=self.downstream)
+            out = spliced.outputs[self.site]
+            kl = kl_clean_to_spliced(clean_logits, spliced.logits, mask)
+            logs["kl"] = kl.item()
+        m = mask[..., None].to(x.dtype)
+        mse = ((out.x_hat - x).pow(2) * m).sum() / (m.sum() * x.shape[-1])
+        logs["mse"] = mse.item()
+        if self.kind == "local":
+            loss = mse
+        elif self.kind == "kl+mse":
+            loss = (mse / kl.clamp_min(1e-12)).detach() * kl + mse
+        else:
+            loss = self.kl_coef * kl
+        if self.downstream:
+            ds = [((spliced.acts[s] - clean_acts[s]).pow(2) * m).sum() / (m.sum() * x.shape[-1]) for s in self.downstream]
+            loss = loss + self.beta / len(ds) * torch.stack(ds).sum()
+            logs.update({f"ds_mse/{s}": d.item() for s, d in zip(self.downstream, ds)})
+        latents = out.latents
+        if isinstance(self.sae, ReLUSAE) and self.l1_coef > 0:
+            l1 = (latents.abs().sum(-1) * mask).sum() / mask.sum() / x.shape[-1]
+            loss = loss + self.l1_coef * l1
+            logs["l1"] = l1.item()
+        with torch.no_grad():
+            logs["l0"] = ((latents != 0).sum(-1).float() * mask).sum().item() / mask.sum().item()
+            logs["fvu"] = (((out.x_hat - x).pow(2) * m).sum() / ((x - (x * m).sum((0, 1)) / m.sum()).pow(2) * m).sum()).item()
+        logs["loss"] = loss.item()
+        return loss, logs
