@@ -22,6 +22,7 @@ from torch import nn
 
 from .._io import load_json, load_tensors, save_json, save_tensors
 from .._versions import __version__
+from .binary import BinaryAE, BinaryConfig
 from .relu import ReLUConfig, ReLUSAE
 from .topk import TopKConfig, TopKSAE
 
@@ -31,6 +32,7 @@ _KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type, tuple[str, ...]]] = {
     "topk": (TopKSAE, TopKConfig, ("k",)),
     "standard": (ReLUSAE, ReLUConfig, ()),
+    "nbfeatures.binary": (BinaryAE, BinaryConfig, ("estimator",)),
 }
 
 
@@ -52,7 +54,7 @@ def save_sae(sae: nn.Module, folder: str | os.PathLike, *, hook_name: str | None
         **sae.config_dict(),
         "dtype": dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": getattr(sae, "apply_b_dec_to_input", True),
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
