@@ -149,7 +149,7 @@ def test_mismatched_weights_and_configs(tmp_path, topk):
     with pytest.raises(ValueError, match=r"W_dec has shape \[96, 24\], expected \[95, 24\] from the config"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(ValueError, match=r"architecture 'jumprelu' is not supported; supported: \['standard', 'topk'"):
+    with pytest.raises(ValueError, match=r"architecture 'jumprelu' is not supported; supported: \['nbfeatures.binary', 'standard', 'topk'\]"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     t = {k: v for k, v in topk.state_dict().items() if k != "b_enc"}
