@@ -1,0 +1,127 @@
+"""Codebook layer against the obvious implementation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nbfeatures.codebook import CodebookConfig, CodebookLayer, codebook_mse
+
+
+def naive(layer, x):
+    """Loop over tokens and groups: normalise, rank every code by cosine, sum the top k."""
+    G, E = layer.cfg.n_groups, layer.cfg.d_in
+    xs = x.reshape(-1, G, E)
+    out = torch.zeros_like(xs)
+    ids = torch.zeros(len(xs), G, layer.cfg.k, dtype=torch.long)
+    for n in range(len(xs)):
+        for g in range(G):
+            xn = F.layer_norm(xs[n, g], (E,))
+            cos = torch.stack([F.cosine_similarity(xn, c, dim=0) for c in layer.codebook[g]])
+            top = cos.argsort(descending=True)[: layer.cfg.k]
+            ids[n, g] = top
+            out[n, g] = layer.codebook[g, top].sum(0)
+    return out.reshape(x.shape), ids.reshape(*x.shape[:-1], layer.cfg.k)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_output_is_the_sum_of_the_most_similar_codes(k):
+    layer = CodebookLayer(CodebookConfig(8, 20, k=k))
+    x = torch.randn(2, 5, 8)
+    out = layer(x)
+    expected, ids = naive(layer, x)
+    torch.testing.assert_close(out.x_hat, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.codes, ids)
+    assert out.codes.shape == (2, 5, k) and (out.sims[..., :-1] >= out.sims[..., 1:]).all()
+    assert out.latents.shape == (2, 5, 20) and (out.latents.sum(-1) == k).all()
+
+
+def test_mean_reduction_divides_by_k():
+    s = CodebookLayer(CodebookConfig(8, 20, k=4, reduce="sum"))
+    m = CodebookLayer(CodebookConfig(8, 20, k=4, reduce="mean"))
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(m(x).x_hat, s(x).x_hat / 4)
+
+
+def test_input_gradient_is_straight_through():
+    layer = CodebookLayer(CodebookConfig(8, 20, k=2))
+    x = torch.randn(6, 8, requires_grad=True)
+    g = torch.randn(6, 8)
+    torch.autograd.backward(layer(x).x_hat, g)
+    through_codes = x.grad.clone()
+    x.grad = None
+    torch.autograd.backward(F.layer_norm(x, (8,)), g)  # d x_hat / d x_norm = I, so only the norm's Jacobian remains
+    torch.testing.assert_close(through_codes, x.grad)
+
+
+def test_only_chosen_codes_get_gradient_and_mse_targets_the_detached_input():
+    layer = CodebookLayer(CodebookConfig(8, 50, k=1))
+    x = torch.randn(4, 8, requires_grad=True)
+    out = layer(x)
+    torch.autograd.backward(out.x_hat.sum() + codebook_mse(out))
+    touched = layer.codebook.grad[0].abs().sum(-1) > 0
+    assert set(touched.nonzero().flatten().tolist()) == set(out.codes.flatten().tolist())
+    # the MSE term pulls codes, not the input: the input gradient equals the task-only one
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.autograd.backward(layer(x2).x_hat.sum())
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_grouped_layer_equals_one_layer_per_head():
+    grouped = CodebookLayer(CodebookConfig(6, 15, k=2, n_groups=3))
+    x = torch.randn(2, 4, 3, 6)  # [B, T, H, E], the hook_z layout
+    out = grouped(x)
+    for h in range(3):
+        single = CodebookLayer(CodebookConfig(6, 15, k=2))
+        with torch.no_grad():
+            single.codebook[0] = grouped.codebook[h]
+        ref = single(x[:, :, h])
+        torch.testing.assert_close(out.x_hat[:, :, h], ref.x_hat)
+        assert torch.equal(out.codes[:, :, h], ref.codes)
+
+
+def test_forced_codes_replace_the_nearest():
+    layer = CodebookLayer(CodebookConfig(8, 20, k=2))
+    x = torch.randn(5, 8)
+    forced = torch.tensor([[3, 7]]).expand(5, 2)
+    out = layer(x, ids=forced)
+    assert torch.equal(out.codes, forced)
+    torch.testing.assert_close(out.x_hat, (layer.codebook[0, 3] + layer.codebook[0, 7]).expand(5, 8))
+    cos = F.cosine_similarity(F.layer_norm(x, (8,)), layer.codebook[0, 3][None], dim=-1)
+    torch.testing.assert_close(out.sims[:, 0], cos, atol=1e-5, rtol=1e-5)
+
+
+def test_dead_codes_are_reseeded_from_recent_inputs():
+    layer = CodebookLayer(CodebookConfig(8, 30, k=1, replace_after=2, replace_noise=0.0)).train()
+    x = torch.randn(64, 8)
+    before = layer.codebook.detach().clone()
+    for _ in range(2):
+        out = layer(x)
+        layer.after_step_()
+    used = set(out.codes.flatten().tolist())
+    dead = [c for c in range(30) if c not in used]
+    assert dead
+    xn = F.layer_norm(x, (8,))
+    for c in dead:  # each dead code is now one of the recent normalised inputs
+        assert (xn - layer.codebook[0, c]).norm(dim=-1).min() < 1e-5
+    for c in used:
+        assert torch.equal(layer.codebook[0, c], before[0, c])
+
+
+def test_kmeans_init_finds_cluster_centres():
+    torch.manual_seed(0)
+    centres = F.layer_norm(torch.randn(4, 8) * 3, (8,))
+    x = (centres[torch.randint(0, 4, (400,))] + 0.01 * torch.randn(400, 8))
+    layer = CodebookLayer(CodebookConfig(8, 4, k=1))
+    layer.init_kmeans_(x)
+    d = torch.cdist(centres, layer.codebook[0].detach())
+    assert d.min(1).values.max() < 0.1
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"need 0 < k <= n_codes, got k=21, n_codes=20"):
+        CodebookConfig(8, 20, k=21)
+    with pytest.raises(ValueError, match="reduce must be"):
+        CodebookConfig(8, 20, reduce="max")
+    layer = CodebookLayer(CodebookConfig(8, 20, n_groups=2))
+    with pytest.raises(ValueError, match=r"input ends in \[3, 8\].*expected \[2, 8\]"):
+        layer(torch.randn(4, 3, 8))
