@@ -146,4 +146,4 @@ class Ablate:
         return torch.where(m, fill.expand_as(act), act), None
 
 
-Edit = Union[Splice, Steer, Ablate]
+Edit = Union[Splice, Steer, Ablate]  # or any object with .site, .apply(act, mask) -> (act, output) and .positions

@@ -32,7 +32,7 @@ import torch
 from nnsight import NNsight
 from torch import Tensor, nn
 
-from .edits import Ablate, Edit, Splice, Steer, check_positions, position_mask
+from .edits import Edit, check_positions, position_mask
 
 Model = nnsight.Envoy  # nnsight's common base: NNsight(module) and TransformersModel(hf_model) both are one
 
@@ -259,8 +259,8 @@ def _plan(model: Model, read: Sequence[str], edits: Sequence[Edit]) -> list[_Eve
         site = resolve(model, name)
         events.setdefault((site.module, site.io), _Event(site, [], [])).names.append(name)
     for edit in edits:
-        if not isinstance(edit, (Splice, Steer, Ablate)):
-            raise ValueError(f"edits must be Splice, Steer or Ablate; got {type(edit).__name__}")
+        if not (isinstance(getattr(edit, "site", None), str) and callable(getattr(edit, "apply", None))):
+            raise ValueError(f"edits must be Splice, Steer, Ablate or another object with .site and .apply(act, mask); got {type(edit).__name__}")
         site = resolve(model, edit.site)
         events.setdefault((site.module, site.io), _Event(site, [], [])).edits.append(edit)
     return sorted(events.values(), key=lambda e: e.site.order)
