@@ -83,9 +83,11 @@ class CodebookLayer(nn.Module):
             raise ValueError(f"CodebookLayer: input dtype {x.dtype} is not floating point")
         return x.reshape(-1, G, E)
 
-    def snap(self, xn_NGE: Tensor) -> tuple[Tensor, Tensor]:
-        """Cosine top-k: (ids [N, G, K], sims [N, G, K])."""
+    def snap(self, xn_NGE: Tensor, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cosine top-k: (ids [N, G, K], sims [N, G, K]); codes marked in `exclude_GC` cannot be chosen."""
         cos = torch.einsum("nge,gce->ngc", F.normalize(xn_NGE, dim=-1), F.normalize(self.codebook, dim=-1))
+        if exclude_GC is not None:
+            cos = cos.masked_fill(exclude_GC.to(cos.device)[None], float("-inf"))
         sims, ids = cos.topk(self.cfg.k, dim=-1)
         return ids, sims
 
@@ -94,11 +96,11 @@ class CodebookLayer(nn.Module):
         picked = self._codes_at(ids_NGK)  # [N, G, K, E]
         return picked.sum(-2) if self.cfg.reduce == "sum" else picked.mean(-2)
 
-    def forward(self, x: Tensor, ids: Tensor | None = None) -> CodebookOutput:
-        """Quantise x; pass `ids` [..., (G,) K] to force those codes instead of the nearest ones."""
+    def forward(self, x: Tensor, ids: Tensor | None = None, exclude: Tensor | None = None) -> CodebookOutput:
+        """Quantise x; `ids` [..., (G,) K] forces those codes, `exclude` [G, C] bars codes from being chosen."""
         lead = x.shape[:-2] if self.cfg.n_groups > 1 else x.shape[:-1]
         xn = F.layer_norm(self._grouped(x).float(), (self.cfg.d_in,))
-        near_ids, sims = self.snap(xn.detach())
+        near_ids, sims = self.snap(xn.detach(), exclude)
         if ids is not None:
             ids = ids.reshape(near_ids.shape[0], self.cfg.n_groups, -1).to(near_ids.device)
             sims = torch.einsum("nge,ngke->ngk", F.normalize(xn.detach(), dim=-1), F.normalize(self._codes_at(ids), dim=-1))

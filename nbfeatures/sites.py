@@ -349,6 +349,7 @@ class GenerateOutput(NamedTuple):
     tokens: Tensor  # [B, T + new]: prompt and completion
     acts: dict[str, Tensor]  # site name -> [B, T + new - 1, ...]: every position the model ran on
     prompt_len: int
+    outputs: list[dict[str, Any]] = []  # per forward pass: site -> what an edit returned (a dictionary's output)
 
 
 def read_acts(model: Model, inputs: Any, sites: str | Sequence[str]) -> dict[str, Tensor]:
@@ -399,23 +400,24 @@ def generate(
     if not events:  # nothing to touch: a tracer.all() loop that reaches no module would never end
         with torch.no_grad():
             tokens = unwrap(model).generate(**enc, max_new_tokens=max_new_tokens, **generate_kwargs)
-        return GenerateOutput(tokens, {}, prompt_len)
+        return GenerateOutput(tokens, {}, prompt_len, [])
     with warnings.catch_warnings():
         # tracer.all() always asks for one step more than the run makes; nnsight warns about it.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with model.generate(max_new_tokens=max_new_tokens, **generate_kwargs) as tracer:
             with tracer.invoke(**enc):
-                steps = nnsight.save([])
+                steps, outs = nnsight.save([]), nnsight.save([])
                 step = 0
                 for _ in tracer.all():
-                    acts = {}
+                    acts, out = {}, {}
                     # Step 0 runs on the prompt; step s on the sequence up to prompt_len + s
                     # (only its newest token under a KV cache).
-                    _visit(model, events, prompt_len + step, prompt_len, acts, {})
+                    _visit(model, events, prompt_len + step, prompt_len, acts, out)
                     steps.append({k: (v if step == 0 else v[:, -1:]) for k, v in acts.items()})
+                    outs.append(out)
                     step += 1
             with tracer.invoke():
                 tokens = nnsight.save(tracer.result)
     acts = {name: torch.cat([s[name] for s in steps], dim=1) for name in read} if steps else {}
-    return GenerateOutput(tokens, acts, prompt_len)
+    return GenerateOutput(tokens, acts, prompt_len, list(outs))
 

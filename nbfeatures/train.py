@@ -87,7 +87,11 @@ def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Callable
     if isinstance(source, Tensor) or not hasattr(source, "batch"):
         source = TensorSource(source, cfg.batch_size, cfg.seed)
     base_lr = cfg.lr or getattr(getattr(sae, "cfg", None), "default_lr", 1e-3)
-    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    # a module may ask for several learning rates (a codebook model: codebooks, and the model at a factor)
+    groups = sae.param_groups(base_lr) if hasattr(sae, "param_groups") else [{"params": list(sae.parameters()), "lr": base_lr}]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.Adam(groups, lr=base_lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
     start, history = 0, []
     ckpt_dir = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt_dir is not None and latest_checkpoint(ckpt_dir) is not None:
@@ -100,7 +104,7 @@ def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Callable
         if not torch.isfinite(x).all():
             raise ValueError(f"step {step}: the activation batch contains non-finite values (NaN or inf)")
         for group in opt.param_groups:
-            group["lr"] = cfg.lr_at(step, base_lr)
+            group["lr"] = cfg.lr_at(step, group["base_lr"])
         loss, logs = objective(x)
         if not math.isfinite(loss.item()):
             raise ValueError(f"step {step}: loss is {loss.item()}; lower the learning rate or check the activations")
@@ -110,7 +114,7 @@ def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Callable
         if hasattr(sae, "before_step_"):
             sae.before_step_()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
         opt.step()
         if hasattr(sae, "after_step_"):
             sae.after_step_()

@@ -1,0 +1,202 @@
+"""A model with codebooks inserted at sites, through the site layer: run, generate, force codes, finetune, save.
+
+The base model's code is never edited: each forward pass splices every enabled codebook at its
+site (`Splice(site, layer)`), and interventions take a codebook's place at their site:
+    ForceCodes(site, layer, codes, positions=..., mode="all" | "last")   the chosen codes are forced
+    BlockCodes(site, layer, codes, positions=...)                         these codes cannot be chosen
+Finetuning: L = CE(next token) + mse_coef * sum over sites of MSE(codes, stopgrad(normalised input)),
+with the codebooks at lr and the model at lr * model_lr_factor.
+
+Dimension key: B sequences, T positions, G groups (heads), K codes per token, C codes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import sites
+from ._io import load_json, load_tensors, save_json, save_tensors
+from .codebook import CodebookConfig, CodebookLayer, codebook_mse
+from .edits import Positions, Splice
+
+
+@dataclass(frozen=True)
+class ForceCodes:
+    """At `positions`, make `layer` output `codes`: all k slots ("all", len(codes) == k) or the lowest-ranked ones ("last")."""
+
+    site: str
+    layer: CodebookLayer
+    codes: tuple[int, ...]
+    positions: Positions = None
+    mode: Literal["all", "last"] = "all"
+    group: int | None = None  # grouped codebooks: force in this head only (None: every head)
+
+    def __post_init__(self):
+        k, n = self.layer.cfg.k, self.layer.cfg.n_codes
+        if self.mode not in ("all", "last"):
+            raise ValueError(f"mode must be 'all' or 'last', got {self.mode!r}")
+        if not all(0 <= c < n for c in self.codes):
+            raise ValueError(f"codes must lie in [0, {n}), got {list(self.codes)}")
+        if (self.mode == "all" and len(self.codes) != k) or not 0 < len(self.codes) <= k:
+            raise ValueError(f"mode {self.mode!r} with k={k} takes {'exactly k' if self.mode == 'all' else '1..k'} codes, got {len(self.codes)}")
+        if self.group is not None and not 0 <= self.group < self.layer.cfg.n_groups:
+            raise ValueError(f"group must lie in [0, {self.layer.cfg.n_groups}), got {self.group}")
+
+    def apply(self, act: Tensor, mask_T: Tensor) -> tuple[Tensor, Any]:
+        ids = self.layer(act).codes.clone()  # [B, T, (G,) K]
+        grouped = self.layer.cfg.n_groups > 1
+        sel = ids[:, mask_T]
+        if grouped and self.group is not None:
+            sel[:, :, self.group, -len(self.codes):] = torch.tensor(self.codes, device=ids.device)
+        else:
+            sel[..., -len(self.codes):] = torch.tensor(self.codes, device=ids.device)
+        ids[:, mask_T] = sel
+        out = self.layer(act, ids=ids)
+        return out.x_hat, out
+
+
+@dataclass(frozen=True)
+class BlockCodes:
+    """At `positions`, `layer` may not choose `codes` (the next most similar are used instead)."""
+
+    site: str
+    layer: CodebookLayer
+    codes: tuple[int, ...]
+    positions: Positions = None
+
+    def apply(self, act: Tensor, mask_T: Tensor) -> tuple[Tensor, Any]:
+        exclude = torch.zeros(self.layer.cfg.n_groups, self.layer.cfg.n_codes, dtype=torch.bool)
+        exclude[:, list(self.codes)] = True
+        ids = self.layer(act).codes.clone()
+        ids[:, mask_T] = self.layer(act, exclude=exclude).codes[:, mask_T]
+        out = self.layer(act, ids=ids)
+        return out.x_hat, out
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "__")  # ModuleDict keys cannot contain dots
+
+
+class CodebookModel(nn.Module):
+    """A wrapped model plus codebook layers at sites; `enabled=False` runs the base model untouched."""
+
+    def __init__(self, model: sites.Model, layers: dict[str, CodebookLayer], model_lr_factor: float = 0.1):
+        super().__init__()
+        for site in layers:
+            sites.resolve(model, site)
+        object.__setattr__(self, "model", model)  # not a submodule: its parameters get their own lr group
+        self.codebooks = nn.ModuleDict({_key(s): layer for s, layer in layers.items()})
+        self.sites = list(layers)
+        self.model_lr_factor = model_lr_factor
+        self.enabled = True
+
+    def layer(self, site: str) -> CodebookLayer:
+        if site not in self.sites:
+            raise ValueError(f"no codebook at {site!r}; codebooks are at {self.sites}")
+        return self.codebooks[_key(site)]
+
+    def edits(self, interventions: Sequence[Any] = ()) -> list[Any]:
+        taken = {}
+        for iv in interventions:
+            if iv.site in taken:
+                raise ValueError(f"two interventions at {iv.site}; combine them into one")
+            self.layer(iv.site)
+            taken[iv.site] = iv
+        if not self.enabled:
+            return list(interventions)
+        return [taken.get(s, Splice(s, self.layer(s))) for s in self.sites]
+
+    def run(self, inputs: Any, interventions: Sequence[Any] = (), read: Sequence[str] = ()) -> sites.RunOutput:
+        """One forward pass; `outputs[site]` holds each codebook's CodebookOutput (codes, sims)."""
+        return sites.run(self.model, inputs, self.edits(interventions), read)
+
+    def generate(self, inputs: Any, interventions: Sequence[Any] = (), **kwargs: Any) -> sites.GenerateOutput:
+        """Generate with the codebooks (and interventions) in place at every forward pass."""
+        return sites.generate(self.model, inputs, self.edits(interventions), **kwargs)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        groups = [{"params": list(self.codebooks.parameters()), "lr": lr}]
+        model_params = list(sites.unwrap(self.model).parameters())
+        for p in model_params:
+            p.requires_grad_(self.model_lr_factor > 0)
+        if self.model_lr_factor > 0:
+            groups.append({"params": model_params, "lr": lr * self.model_lr_factor})
+        return groups
+
+    def after_step_(self) -> None:
+        for layer in self.codebooks.values():
+            layer.after_step_()
+
+    # the model's weights are part of a codebook model's state: a finetuning checkpoint must hold both
+    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
+        sd = {f"codebooks.{k}": v for k, v in self.codebooks.state_dict().items()}
+        sd.update({f"model.{k}": v for k, v in sites.unwrap(self.model).state_dict().items()})
+        return sd
+
+    def load_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> Any:
+        self.codebooks.load_state_dict({k.removeprefix("codebooks."): v for k, v in state.items() if k.startswith("codebooks.")}, strict=strict)
+        model_sd = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if model_sd:
+            sites.unwrap(self.model).load_state_dict(model_sd, strict=strict)
+
+    def save(self, folder: str | os.PathLike, base_model: str | None = None) -> pathlib.Path:
+        """Codebooks as safetensors + JSON config next to the (finetuned) base model in save_pretrained form."""
+        folder = pathlib.Path(folder)
+        hf = sites.unwrap(self.model)
+        hf.save_pretrained(folder)
+        tok = sites.tokenizer_of(self.model)
+        if tok is not None:
+            tok.save_pretrained(folder)
+        save_tensors(folder / "codebooks.safetensors", {f"{s}": self.layer(s).codebook for s in self.sites})
+        save_json(folder / "codebooks.json", {"format": "nbfeatures.codebook_model", "base_model": base_model,
+                                              "sites": {s: self.layer(s).config_dict() for s in self.sites}})
+        return folder
+
+
+def load_codebook_model(folder: str | os.PathLike) -> CodebookModel:
+    """Load a folder written by CodebookModel.save (model in save_pretrained form + codebooks)."""
+    folder = pathlib.Path(folder)
+    cfg = load_json(folder / "codebooks.json")
+    if cfg.get("format") != "nbfeatures.codebook_model":
+        raise ValueError(f"{folder}/codebooks.json: not a codebook model (format {cfg.get('format')!r})")
+    tensors = load_tensors(folder / "codebooks.safetensors")
+    model = sites.wrap(str(folder))
+    layers = {}
+    for site, c in cfg["sites"].items():
+        layer = CodebookLayer(CodebookConfig(**c), seed=None)
+        if site not in tensors or tensors[site].shape != layer.codebook.shape:
+            raise ValueError(f"{folder}: codebook for {site} missing or of shape {list(tensors.get(site, torch.empty(0)).shape)}, "
+                             f"expected {list(layer.codebook.shape)}")
+        with torch.no_grad():
+            layer.codebook.copy_(tensors[site])
+        layers[site] = layer.eval()
+    return CodebookModel(model, layers)
+
+
+class CodebookObjective:
+    """Next-token CE with the codebooks spliced in, plus mse_coef * the codebooks' reconstruction MSE."""
+
+    def __init__(self, cb: CodebookModel, mse_coef: float = 1.0):
+        if mse_coef < 0:
+            raise ValueError(f"mse_coef must be >= 0, got {mse_coef}")
+        self.cb, self.mse_coef = cb, mse_coef
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
+        self.cb.codebooks.train()
+        out = self.cb.run(tokens)
+        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten().to(out.logits.device))
+        mse = torch.stack([codebook_mse(out.outputs[s]) for s in self.cb.sites]).sum()
+        loss = ce + self.mse_coef * mse
+        logs = {"loss": loss.item(), "ce": ce.item(), "codebook_mse": mse.item()}
+        for s in self.cb.sites:
+            c = self.cb.layer(s).cfg
+            codes = out.outputs[s].codes.reshape(-1, c.n_groups, c.k) + (torch.arange(c.n_groups, device=tokens.device) * c.n_codes)[None, :, None]
+            logs[f"codes_used/{s}"] = codes.unique().numel() / (c.n_codes * c.n_groups)
+        return loss, logs
