@@ -34,8 +34,14 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (tensors made contiguous and moved to CPU)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """Write a safetensors file atomically (contiguous, on CPU; tied weights stored as separate copies)."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v  # safetensors refuses tensors that share memory
+        seen.add(ptr)
+    tensors = out
     write_atomic(path, save_bytes(tensors, metadata=metadata))
 
 
