@@ -1,0 +1,11 @@
+"""Figures as pure functions: arrays in, a plotly go.Figure (or an HTML string) out; numpy + plotly only."""
+
+from .bars import activation_histogram, feature_overview, next_token_bars, output_tokens_bar, show_token, unique_labels
+from .curves import Curve, curves, curves_title, default_panels, ema, training_curves
+from .html import card_html, contexts_html, describe_steered, generation_html, shaded_tokens
+
+__all__ = [
+    "training_curves", "curves", "curves_title", "Curve", "ema", "default_panels",
+    "activation_histogram", "output_tokens_bar", "next_token_bars", "feature_overview", "show_token", "unique_labels",
+    "shaded_tokens", "contexts_html", "card_html", "generation_html", "describe_steered",
+]

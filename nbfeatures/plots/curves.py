@@ -1,0 +1,134 @@
+"""Training curves: a training history in, one subplot per group of metrics out.
+
+    smoothed_t = sum_i a^(t-i) y_i / sum_i a^(t-i)        (an EMA, debiased as TensorBoard does)
+
+The history is columnar: a mapping metric -> values, one value per logged step (a pandas
+DataFrame from `train_sae` works as is). NaN marks a metric that was not logged at that
+step (e.g. CE-loss recovered, evaluated every few hundred steps); those points are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# Which subplot each known metric goes to; the names are the keys train_sae's objectives log.
+PANELS: dict[str, tuple[str, ...]] = {
+    "loss": ("loss", "mse", "aux_loss", "l1", "kl", "cov", "entropy_bits"),
+    "FVU": ("fvu", "fvu_4k"),
+    "L0": ("l0",),
+    "dead / dense fraction": ("dead_fraction", "dense_fraction"),
+    "CE loss recovered": ("ce_recovered",),
+}
+NOT_PLOTTED = ("step", "lr", "tokens", "elapsed_s", "entropy_on")
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def ema(y: Sequence[float], smoothing: float, block: int = 64) -> np.ndarray:
+    """Debiased exponential moving average; `smoothing` a in [0, 1) is the weight of the past.
+
+    Vectorised in blocks: within a block the sums are one [block, block] matmul, and only the
+    carry between blocks is a Python loop (len / block steps), which keeps a^-block finite.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}")
+    if smoothing == 0 or len(y) == 0:
+        return y.copy()
+    a, n = float(smoothing), len(y)
+    pad = (-n) % block
+    num = np.concatenate([y, np.zeros(pad)]).reshape(-1, block)
+    den = np.concatenate([np.ones(n), np.zeros(pad)]).reshape(-1, block)
+    k = np.arange(block)
+    lag = k[:, None] - k[None, :]
+    W = np.where(lag >= 0, a ** np.maximum(lag, 0), 0.0)  # W[t, i] = a^(t-i) for i <= t
+    num, den = num @ W.T, den @ W.T
+    decay = a ** (k + 1)  # the previous block's last value reaches position t of this one as a^(t+1)
+    for b in range(1, len(num)):
+        num[b] += decay * num[b - 1, -1]
+        den[b] += decay * den[b - 1, -1]
+    return (num / den).ravel()[:n]
+
+
+def default_panels(keys: Sequence[str]) -> dict[str, list[str]]:
+    """Group the metrics present into subplots: the known groups first, everything else under "other"."""
+    keys = list(keys)
+    panels: dict[str, list[str]] = {}
+    for title, members in PANELS.items():
+        present = [k for k in members if k in keys]
+        if title == "loss":
+            present += [k for k in keys if k.startswith(("ds_mse/", "loss/"))]
+        if present:
+            panels[title] = present
+    placed = {k for v in panels.values() for k in v} | set(NOT_PLOTTED)
+    other = [k for k in keys if k not in placed]
+    if other:
+        panels["other"] = other
+    return panels
+
+
+class Curve(NamedTuple):
+    metric: str
+    panel: int  # index of its subplot
+    x: np.ndarray  # the steps where it was logged
+    raw: np.ndarray
+    smooth: np.ndarray  # EMA of raw
+
+
+def curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[str]], smoothing: float = 0.0,
+           x: str = "step") -> list[Curve]:
+    """The data of every line in `training_curves`, in trace order (LiveCurves updates a figure in place with it)."""
+    keys = list(history.keys())
+    n_rows = len(next(iter(history.values()))) if keys else 0
+    xs = np.asarray(history[x], dtype=np.float64) if x in keys else np.arange(1, n_rows + 1, dtype=np.float64)
+    out = []
+    for i, metrics in enumerate(panels.values()):
+        for m in metrics:
+            y = np.asarray(history[m], dtype=np.float64)
+            ok = np.isfinite(y)
+            out.append(Curve(m, i, xs[ok], y[ok], ema(y[ok], smoothing)))
+    return out
+
+
+def curves_title(history: Mapping[str, Any], smoothing: float = 0.0, x: str = "step") -> str:
+    xs = history[x] if x in history.keys() else range(1, len(next(iter(history.values()), [])) + 1)
+    last = f"{x} {float(xs[-1]):g}" if len(xs) else "no data yet"
+    return f"training · {last}" + (f" · EMA {smoothing:g}" if smoothing else "")
+
+
+def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[str]] | None = None, *,
+                    smoothing: float = 0.0, log_y: bool = False, x: str = "step", cols: int = 3,
+                    height: int | None = None) -> go.Figure:
+    """One subplot per group of metrics; each metric is a faint raw line under its EMA.
+
+    `panels` maps subplot title -> metric names (default: `default_panels`); `x` names the
+    column for the x axis (the row number when it is absent). With `smoothing` 0 the raw
+    lines are hidden, since they coincide with the smoothed ones. Trace 2i is metric i's raw
+    line and trace 2i + 1 its smoothed line, in the order of `curves`.
+    """
+    keys = list(history.keys())
+    panels = default_panels(keys) if panels is None else {t: list(m) for t, m in panels.items()}
+    missing = [m for ms in panels.values() for m in ms if m not in keys]
+    if missing:
+        raise ValueError(f"panels name metrics that are not in the history: {missing}; present are {keys}")
+    titles = list(panels) or [""]
+    cols = max(1, min(cols, len(titles)))
+    rows = -(-len(titles) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.07,
+                        vertical_spacing=0.5 / rows if rows > 1 else 0.1)
+    for j, c in enumerate(curves(history, panels, smoothing, x)):
+        r, col, rgb = c.panel // cols + 1, c.panel % cols + 1, COLORS[j % len(COLORS)]
+        fig.add_trace(go.Scatter(x=c.x, y=c.raw, name=f"{c.metric} (raw)", mode="lines", line=dict(color=rgb, width=1),
+                                 opacity=0.3, hoverinfo="skip", showlegend=False, legendgroup=c.metric,
+                                 visible=smoothing > 0), row=r, col=col)
+        fig.add_trace(go.Scatter(x=c.x, y=c.smooth, name=c.metric, mode="lines", line=dict(color=rgb, width=2),
+                                 legendgroup=c.metric), row=r, col=col)
+    fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "none")
+    fig.update_xaxes(title_text=x if x in keys or not keys else "row", title_standoff=2)
+    fig.update_layout(height=height or 260 * rows + 60, margin=dict(l=50, r=20, t=60, b=40),
+                      title=dict(text=curves_title(history, smoothing, x), x=0.01),
+                      legend=dict(orientation="h", y=-0.12), hovermode="x unified", template="plotly_white")
+    return fig
