@@ -1,0 +1,96 @@
+"""Finding codes (or latents) for a concept: which ones fire where the concept holds.
+
+    target[n] = 1 where the concept holds (a regex's capture group over the decoded text, or a label)
+    precision(c) = P(target | c fires)            recall(c) = P(c fires | target)
+    neuron baseline: threshold each neuron (either sign) so it reaches the same recall; best precision
+
+Dimension key: B sequences, T positions, N tokens (flattened), G groups, K codes per token, D neurons.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .codebook_model import CodebookModel
+from .harvest import token_batches
+
+
+@torch.no_grad()
+def collect_codes(cb: CodebookModel, tokens: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
+    """Codes chosen at every site for every token: site -> [B, T, (G,) K]."""
+    out: dict[str, list[Tensor]] = {s: [] for s in cb.sites}
+    for batch in token_batches(tokens, batch_size):
+        run = cb.run(batch["input_ids"])
+        for s in cb.sites:
+            out[s].append(run.outputs[s].codes.cpu())
+    return {s: torch.cat(v) for s, v in out.items()}
+
+
+def regex_targets(texts: Sequence[Sequence[str]], pattern: str) -> Tensor:
+    """Bool [B, T]: the token holding the start of each match's first capture group (or of the match).
+
+    `texts[b]` is sequence b's tokens as strings; they are joined without separators, so write the
+    pattern against the concatenated text (e.g. TokFSM states as digit pairs: r"(?:\\d\\d)*?(4)0").
+    """
+    rx = re.compile(pattern)
+    T = max(len(t) for t in texts)
+    out = torch.zeros(len(texts), T, dtype=torch.bool)
+    for b, toks in enumerate(texts):
+        starts, pos = [], 0
+        for tok in toks:
+            starts.append(pos)
+            pos += len(tok)
+        text = "".join(toks)
+        owner = torch.bucketize(torch.arange(len(text)), torch.tensor(starts), right=True) - 1
+        for m in rx.finditer(text):
+            at = m.start(1) if rx.groups else m.start()
+            if at < len(text):
+                out[b, owner[at]] = True
+    return out
+
+
+def rank_codes(codes: Tensor, target: Tensor, n_codes: int, min_count: int = 1) -> pd.DataFrame:
+    """Codes ranked by precision then recall as detectors of `target` [B, T] (codes [B, T, (G,) K])."""
+    B, T = target.shape
+    grouped = codes.dim() == 4
+    c = codes.reshape(B * T, -1 if not grouped else codes.shape[2], codes.shape[-1]) if grouped else codes.reshape(B * T, 1, -1)
+    G = c.shape[1]
+    t = target.reshape(-1).float()
+    fires = torch.zeros(B * T, G * n_codes).scatter_(1, (c + torch.arange(G)[None, :, None] * n_codes).reshape(B * T, -1), 1.0)
+    count = fires.sum(0)
+    hits = fires.t() @ t
+    keep = (count >= min_count).nonzero().flatten()
+    df = pd.DataFrame({
+        "group": (keep // n_codes).numpy(), "code": (keep % n_codes).numpy(),
+        "precision": (hits[keep] / count[keep]).numpy(), "recall": (hits[keep] / t.sum().clamp_min(1)).numpy(),
+        "count": count[keep].long().numpy(),
+    })
+    if not grouped:
+        df = df.drop(columns="group")
+    return df.sort_values(["precision", "recall"], ascending=False).reset_index(drop=True)
+
+
+def neuron_precision_at_recall(acts_ND: Tensor, target_N: Tensor, recall: float) -> pd.DataFrame:
+    """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first."""
+    t = target_N.bool().reshape(-1)
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall must lie in (0, 1], got {recall}")
+    if not t.any():
+        raise ValueError("no target positions: the concept never occurs in these tokens")
+    rows = []
+    for sign in (1.0, -1.0):
+        a = sign * acts_ND.float().reshape(len(t), -1)
+        thresh = torch.quantile(a[t], 1 - recall, dim=0)  # fires on `recall` of the positives
+        fires = a >= thresh
+        precision = (fires & t[:, None]).sum(0) / fires.sum(0).clamp_min(1)
+        rows.append(pd.DataFrame({"neuron": range(a.shape[1]), "sign": int(sign), "threshold": thresh.numpy(), "precision": precision.numpy()}))
+    return pd.concat(rows).sort_values("precision", ascending=False).reset_index(drop=True)
+
+
+def decode_tokens(tokens: Tensor, decode: Callable[[int], str]) -> list[list[str]]:
+    return [[decode(int(i)) for i in row] for row in tokens]
