@@ -85,11 +85,15 @@ class CodebookLayer(nn.Module):
 
     def snap(self, xn_NGE: Tensor, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Cosine top-k: (ids [N, G, K], sims [N, G, K]); codes marked in `exclude_GC` cannot be chosen."""
-        cos = torch.einsum("nge,gce->ngc", F.normalize(xn_NGE, dim=-1), F.normalize(self.codebook, dim=-1))
+        # [G, N, C] straight from a batched matmul: no permuted copy of the (large) similarity matrix
+        cos = torch.bmm(F.normalize(xn_NGE, dim=-1).transpose(0, 1), F.normalize(self.codebook, dim=-1).transpose(1, 2))
         if exclude_GC is not None:
-            cos = cos.masked_fill(exclude_GC.to(cos.device)[None], float("-inf"))
-        sims, ids = cos.topk(self.cfg.k, dim=-1)
-        return ids, sims
+            cos = cos.masked_fill(exclude_GC.to(cos.device)[:, None], float("-inf"))
+        if self.cfg.k == 1:
+            sims, ids = cos.max(dim=-1, keepdim=True)  # much cheaper than topk
+        else:
+            sims, ids = cos.topk(self.cfg.k, dim=-1)
+        return ids.transpose(0, 1), sims.transpose(0, 1)
 
     def lookup(self, ids_NGK: Tensor) -> Tensor:
         """Sum (or mean) of the chosen codes [N, G, E]; differentiable in the codebook."""
