@@ -8,11 +8,11 @@
 
 from ._versions import __version__
 from .edits import Ablate, Splice, Steer
-from .sites import GenerateOutput, Model, RunOutput, generate, read_acts, resolve, run, site_names, unwrap, wrap
+from .sites import GenerateOutput, Model, RunOutput, generate, load_model, read_acts, resolve, run, site_names, unwrap, wrap
 
 __all__ = [
     "__version__",
-    "Model", "wrap", "unwrap", "site_names", "resolve",
+    "Model", "wrap", "load_model", "unwrap", "site_names", "resolve",
     "read_acts", "run", "generate", "RunOutput", "GenerateOutput",
     "Splice", "Steer", "Ablate",
 ]

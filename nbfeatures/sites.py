@@ -63,6 +63,14 @@ def wrap(model: nn.Module | str | os.PathLike | Model, tokenizer: Any = None) ->
     return NNsight(model)
 
 
+def load_model(name_or_path: str | os.PathLike, device: Any = None) -> Model:
+    """A zoo name (`nbf.zoo.available()`), a local model folder or a hub id -> the wrapped model with its tokenizer."""
+    from .zoo import load_pretrained
+
+    hf, tokenizer = load_pretrained(name_or_path, device=device)
+    return wrap(hf, tokenizer)
+
+
 def unwrap(model: Model | nn.Module) -> nn.Module:
     """The torch module behind a wrapped model."""
     return model._module if isinstance(model, nnsight.Envoy) else model

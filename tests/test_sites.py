@@ -358,6 +358,17 @@ def test_wrap_local_folder(tmp_path, ids):
     assert sites.generate(model, "w1 w2", max_new_tokens=2).tokens.shape == (1, 4)
 
 
+def test_load_model_from_a_local_folder_and_unknown_names(tmp_path, ids):
+    tiny_hf("llama").save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sites.load_model(tmp_path)
+    assert sites.read_acts(model, ids, "blocks.0.hook_mlp_out")["blocks.0.hook_mlp_out"].shape == (3, 10, 32)
+    with pytest.raises(ValueError, match="available"):
+        sites.load_model("no-such-model")
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
