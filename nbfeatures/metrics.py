@@ -10,6 +10,7 @@ Dimension key: N tokens, D input dim, F latents, V vocab, C concepts.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,3 +105,21 @@ def precision_recall(fires_NF: Tensor, labels_NC: Tensor) -> tuple[Tensor, Tenso
     precision = both / fires.sum(0)[:, None].clamp_min(1)
     recall = both / labels.sum(0)[None, :].clamp_min(1)
     return precision, recall
+
+
+def fit_power_law(y: Sequence[float], **factors: Sequence[float]) -> dict[str, float]:
+    """Least squares in log space: log y = log c + sum_i a_i log x_i. Returns {"c", each factor's exponent, "r2"}.
+
+    e.g. fit_power_law(nmse, d_sae=widths, k=ks) fits nmse = c * d_sae^a * k^b.
+    """
+    if not factors:
+        raise ValueError("fit_power_law needs at least one factor, e.g. fit_power_law(nmse, d_sae=widths)")
+    Y = torch.log(torch.as_tensor(y, dtype=torch.float64))
+    cols = [torch.ones_like(Y)] + [torch.log(torch.as_tensor(v, dtype=torch.float64)) for v in factors.values()]
+    X = torch.stack(cols, dim=1)
+    if len(Y) <= X.shape[1] - 1:
+        raise ValueError(f"need more points ({len(Y)}) than fitted exponents ({X.shape[1] - 1})")
+    coef = torch.linalg.lstsq(X, Y[:, None]).solution[:, 0]
+    resid = Y - X @ coef
+    r2 = 1 - resid.pow(2).sum() / (Y - Y.mean()).pow(2).sum().clamp_min(1e-30)
+    return {"c": math.exp(coef[0].item()), **{name: coef[i + 1].item() for i, name in enumerate(factors)}, "r2": r2.item()}

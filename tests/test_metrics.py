@@ -59,3 +59,14 @@ def test_recovery_and_precision_recall():
     precision, recall = metrics.precision_recall(fires, labels)
     assert precision[:, 0].tolist() == pytest.approx([2 / 3, 1 / 2])
     assert recall[:, 0].tolist() == pytest.approx([1.0, 1 / 2])
+
+
+def test_fit_power_law_recovers_exponents():
+    n = torch.tensor([256.0, 512, 1024, 2048, 256, 512, 1024, 2048])
+    k = torch.tensor([8.0, 8, 8, 8, 32, 32, 32, 32])
+    y = 3.0 * n**-0.5 * k**-0.25
+    fit = metrics.fit_power_law(y.tolist(), d_sae=n.tolist(), k=k.tolist())
+    assert fit["c"] == pytest.approx(3.0, rel=1e-6) and fit["d_sae"] == pytest.approx(-0.5) and fit["k"] == pytest.approx(-0.25)
+    assert fit["r2"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least one factor"):
+        metrics.fit_power_law([1.0, 2.0])
