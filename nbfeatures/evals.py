@@ -10,7 +10,7 @@ how the tokens were batched:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +33,22 @@ def _nll_and_kl(logits: Tensor, ref_logits: Tensor, ids: Tensor, mask: Tensor) -
 
 @torch.no_grad()
 def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, batch_size: int = 16,
-                 drop_first: bool = True) -> dict[str, Any]:
-    """Metrics of `sae` spliced at `site` over `tokens`; `density` is each latent's firing rate [F]."""
+                 drop_first: bool = True, downstream: Sequence[str] = ()) -> dict[str, Any]:
+    """Metrics of `sae` spliced at `site` over `tokens`; `density` is each latent's firing rate [F].
+
+    `downstream` sites (e.g. later hook_resid_pre) add `ds_mse/<site>`: mean squared error per element
+    between their spliced and clean activations.
+    """
     sums: dict[str, float] = dict(nll_clean=0.0, nll_sae=0.0, nll_zero=0.0, kl=0.0, n_pred=0.0, sq_err=0.0, sq=0.0,
                                   l0=0.0, n_tok=0.0, norm_ratio=0.0)
     sum_x = None
     fired = None
+    ds_sq = {d: 0.0 for d in downstream}
+    ds_n = 0.0
     for batch in token_batches(tokens, batch_size):
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        clean = sites.run(model, batch, read=[site])
-        spliced = sites.run(model, batch, [Splice(site, sae)])
+        clean = sites.run(model, batch, read=[site, *downstream])
+        spliced = sites.run(model, batch, [Splice(site, sae)], read=list(downstream))
         zero = sites.run(model, batch, [Ablate(site)])
         ids, mask = ids.to(clean.logits.device), mask.to(clean.logits.device)
         for name, out in (("clean", clean), ("sae", spliced), ("zero", zero)):
@@ -68,6 +74,10 @@ def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, 
         sums["norm_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
         f = (latents != 0).sum(0)
         fired = f if fired is None else fired + f
+        for d in downstream:
+            diff = (spliced.acts[d] - clean.acts[d])[keep].flatten(1).float()
+            ds_sq[d] += diff.pow(2).sum().item()
+        ds_n += len(x) * x.shape[-1]
     n = sums["n_tok"]
     if n == 0:
         raise ValueError("no tokens to evaluate")
@@ -88,5 +98,6 @@ def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, 
         "dead_fraction": metrics.dead_fraction(density),
         "dense_fraction": metrics.dense_fraction(density),
         "n_tokens": int(n),
+        **{f"ds_mse/{d}": ds_sq[d] / ds_n for d in downstream},
         "density": density.cpu(),
     }

@@ -38,6 +38,19 @@ def test_identity_dictionary_is_perfect(model, tokens):
     assert r["n_tokens"] == 12 * 9 and r["l2_ratio"] == pytest.approx(1.0)
 
 
+def test_downstream_mse_is_zero_for_identity_and_matches_direct(model, tokens):
+    ident = evaluate_sae(model, Identity(), SITE, tokens, downstream=["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"])
+    assert ident["ds_mse/blocks.1.hook_resid_post"] == pytest.approx(0.0, abs=1e-10)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(32, 64, 4))
+    r = evaluate_sae(model, sae, "blocks.0.hook_resid_pre", tokens, downstream=["blocks.1.hook_resid_pre"])
+    from nbfeatures.edits import Splice
+    with torch.no_grad():
+        clean = sites.read_acts(model, tokens, "blocks.1.hook_resid_pre")["blocks.1.hook_resid_pre"]
+        spliced = sites.run(model, tokens, [Splice("blocks.0.hook_resid_pre", sae)], read=["blocks.1.hook_resid_pre"]).acts["blocks.1.hook_resid_pre"]
+    assert r["ds_mse/blocks.1.hook_resid_pre"] == pytest.approx((spliced - clean)[:, 1:].pow(2).mean().item(), rel=1e-5)
+
+
 def test_matches_direct_computation_and_ignores_batching(model, tokens):
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(32, 64, 4))
