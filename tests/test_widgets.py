@@ -1,0 +1,356 @@
+"""Panels driven headless: set controls, click buttons, assert on the figure data and HTML outputs."""
+
+import ast
+import base64
+import pathlib
+
+import ipywidgets as ipw
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import nbfeatures.widgets.figure as figure_mod
+from nbfeatures.features import summarize_features
+from nbfeatures.plots import ema
+from nbfeatures.widgets import FeatureGallery, LiveCurves, SteeringPanel, figure_widgets_available
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def static(monkeypatch):
+    """Simulate a front end without anywidget: plotly's FigureWidget raises ImportError at construction."""
+    def no_anywidget(*args, **kwargs):
+        raise ImportError("Please install anywidget to use the FigureWidget class")
+
+    monkeypatch.setattr(go, "FigureWidget", no_anywidget)
+    monkeypatch.setattr(figure_mod, "_probed", None)
+    monkeypatch.setattr(figure_mod, "USE_FIGURE_WIDGET", None)
+
+
+def shown(slot_view):
+    """The plotly JSON a static panel put into its Output widget."""
+    (out,) = slot_view.outputs
+    return out["data"]["application/vnd.plotly.v1+json"]
+
+
+def array(spec):
+    """plotly's JSON writes numpy arrays as {dtype, bdata (base64)}."""
+    if isinstance(spec, dict):
+        return np.frombuffer(base64.b64decode(spec["bdata"]), dtype=spec["dtype"]).tolist()
+    return list(spec)
+
+
+# ----------------------------------------------------------------------------- LiveCurves
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def row(i):
+    return {"loss": 1.0 / i, "fvu": 0.5 / i, "l0": 32.0, "dead_fraction": 0.0, "lr": 1e-3, "elapsed_s": 0.1 * i}
+
+
+def test_live_curves_draw_in_place_throttled_and_flush_on_finish():
+    clock = Clock()
+    curves = LiveCurves(every_s=1.0, max_overhead=0, clock=clock)
+    assert isinstance(curves.fig, go.FigureWidget)
+    fig = curves.fig
+    curves(10, row(1))  # the first call draws
+    assert curves.n_draws == 1 and list(fig.data[1].y) == [1.0] and fig.data[1].name == "loss"
+    clock.t = 0.5
+    curves(20, row(2))
+    assert curves.n_draws == 1 and len(fig.data[1].y) == 1  # throttled: recorded, not drawn
+    assert curves.history["loss"] == [1.0, 0.5]
+    clock.t = 1.1
+    curves(30, row(3))
+    assert curves.n_draws == 2 and list(fig.data[1].x) == [10, 20, 30]
+    clock.t = 1.2
+    curves(40, row(4))
+    assert len(fig.data[1].y) == 3
+    curves.finish()
+    assert list(fig.data[1].y) == [1.0, 0.5, 1 / 3, 0.25] and curves.fig is fig  # same widget, updated in place
+    assert "step 40" in fig.layout.title.text and "loss 0.25" in curves.status.value
+
+
+def test_live_curves_slow_redraws_push_the_next_one_out():
+    clock = Clock()
+    curves = LiveCurves(every_s=0.0, max_overhead=0.02, clock=clock)
+    refresh = curves.slot.refresh
+
+    def slow_refresh():  # every redraw ends here; make it "take" 50 ms, so the next may come 2.5 s later at the earliest
+        clock.t += 0.05
+        refresh()
+
+    curves.slot.refresh = slow_refresh
+    curves(1, row(1))
+    assert curves.n_draws == 1
+    for step in (2, 3):
+        clock.t += 1.0
+        curves(step, row(step))
+    assert curves.n_draws == 1  # 2.0 s after a 50 ms draw: too soon
+    clock.t += 0.6
+    curves(4, row(4))
+    assert curves.n_draws == 2 and len(curves.fig.data[1].y) == 4
+
+
+def test_live_curves_draw_at_total_and_accept_bare_dicts():
+    clock = Clock()
+    curves = LiveCurves(total=3, every_s=100.0, clock=clock)
+    curves({"loss": 3.0})
+    curves({"loss": 2.0})
+    assert curves.n_draws == 1
+    curves({"loss": 1.0})  # step 3 == total
+    assert curves.n_draws == 2 and list(curves.fig.data[1].x) == [1, 2, 3]
+    with pytest.raises(ValueError, match="curves\\(step, row\\)"):
+        curves(4)
+
+
+def test_live_curves_new_metrics_add_subplots_and_missing_values_are_gaps():
+    curves = LiveCurves(every_s=0.0)
+    curves(1, {"loss": 1.0})
+    curves(2, {"loss": 0.9, "ce_recovered": 0.7})
+    curves(3, {"loss": 0.8})
+    curves.finish()
+    names = [t.name for t in curves.fig.data]
+    assert names == ["loss (raw)", "loss", "ce_recovered (raw)", "ce_recovered"]
+    assert curves.history["ce_recovered"][0] != curves.history["ce_recovered"][0]  # NaN before it was logged
+    assert list(curves.fig.data[3].x) == [2] and list(curves.fig.data[3].y) == [0.7]
+
+
+def test_live_curves_smoothing_and_log_controls():
+    curves = LiveCurves(every_s=0.0)
+    ys = [4.0, 1.0, 3.0, 0.5, 2.0]
+    for i, y in enumerate(ys, 1):
+        curves(i, {"loss": y})
+    curves.smoothing.value = 0.8
+    np.testing.assert_allclose(curves.fig.data[1].y, ema(ys, 0.8))
+    assert curves.fig.data[0].visible is True and list(curves.fig.data[0].y) == ys
+    curves.log_y.value = True
+    assert curves.fig.layout.yaxis.type == "log"
+    static = curves.figure()
+    assert type(static) is go.Figure and static.layout.yaxis.type == "log"
+    np.testing.assert_allclose(static.data[1].y, ema(ys, 0.8))
+
+
+def test_live_curves_follow_train_sae():
+    from nbfeatures.sae.topk import TopKConfig, TopKSAE
+    from nbfeatures.train import TrainConfig, train_sae
+
+    cfg = TrainConfig(steps=30, batch_size=64, log_every=5)
+    curves = LiveCurves(total=cfg.steps)
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    history = train_sae(TopKSAE(TopKConfig(d_in=8, d_sae=32, k=4)), x, cfg, callbacks=[curves], progress=False)
+    assert curves.history["step"] == list(history["step"])
+    loss = curves.fig.data[[t.name for t in curves.fig.data].index("loss")]
+    np.testing.assert_allclose(loss.y, history["loss"])  # the last call drew (step == total)
+    assert {"loss", "FVU", "L0"} <= {a.text for a in curves.fig.layout.annotations}
+
+
+# ----------------------------------------------------------------------------- FeatureGallery
+
+VOCAB = ["<s>", "red", "green", "blue", "<script>", "apple", "sky", "grass"]
+
+
+def gallery_data():
+    """4 sequences x 8 tokens, 4 features: f0 fires on 'red' tokens, f1 on 'green', f2 on everything weakly, f3 dead."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, len(VOCAB), (4, 8), generator=g)
+    acts = torch.zeros(4, 8, 4)
+    acts[..., 0] = (tokens == 1).float() * 2.0
+    acts[..., 1] = (tokens == 2).float() * 5.0
+    acts[..., 2] = 0.1 + torch.rand(4, 8, generator=g) * 0.1
+    labels = torch.where(tokens == 1, 0, torch.where(tokens == 2, 1, -1)).reshape(-1)
+    W_dec, W_U = torch.eye(4, 3), torch.randn(3, len(VOCAB), generator=g)
+    return summarize_features(acts, tokens, VOCAB, W_dec=W_dec, W_U=W_U, labels=labels, label_names=["red color", "green color"])
+
+
+def test_gallery_sort_search_select():
+    data = gallery_data()
+    t = data.table
+    gallery = FeatureGallery(data)
+    assert gallery.sort_by.value == "density" and gallery.order[0] == 2  # f2 fires everywhere
+    assert gallery.feature.value == 2
+    gallery.sort_by.value = "max_act"
+    assert gallery.order == list(t["max_act"].sort_values(ascending=False, kind="stable").index)
+    assert gallery.results.options[0][1] == 1  # f1's max is 5
+    gallery.descending.value = False
+    assert gallery.order[0] == 3  # the dead feature
+    gallery.search.value = "red"
+    assert gallery.order == [0] and gallery.feature.value == 0  # selection moves to the only match
+    assert "red color" in gallery.cards.value and "precision 1.00" in gallery.cards.value
+    gallery.search.value = "#3"
+    assert gallery.order == [3]
+    gallery.search.value = "no such thing"
+    assert gallery.order == [] and gallery.results.options == () and gallery.feature.value == 3  # stays
+
+
+def test_gallery_card_figures_follow_the_feature():
+    data = gallery_data()
+    gallery = FeatureGallery(data)
+    gallery.feature.value = 1
+    card = data.card(1)
+    np.testing.assert_array_equal(gallery.hist_fig.data[0].y, card.hist_counts)
+    assert f"density {card.density:.3g}" in gallery.hist_fig.layout.title.text
+    neg, pos = gallery.logits_fig.data
+    np.testing.assert_allclose(pos.x, card.pos_values)
+    np.testing.assert_allclose(neg.x, card.neg_values)
+    assert gallery.cards.value.count("top ") == 1 and "quantile" in gallery.cards.value
+    sel = gallery.overview_fig.data[1]
+    assert list(sel.y) == [card.max_act]
+    assert gallery.results.value == 1  # the list follows a feature typed in
+    gallery.feature.value = 2  # fires everywhere, so its contexts include the token "<script>"
+    assert "&lt;script&gt;" in gallery.cards.value and "<script>" not in gallery.cards.value
+
+
+def test_gallery_list_and_buttons_select():
+    gallery = FeatureGallery(gallery_data())
+    gallery.sort_by.value = "feature"
+    gallery.descending.value = False
+    gallery.results.value = 1
+    assert gallery.feature.value == 1
+    gallery.next_button.click()
+    assert gallery.feature.value == 2
+    gallery.prev_button.click()
+    gallery.prev_button.click()
+    gallery.prev_button.click()  # clamps at the start
+    assert gallery.feature.value == 0
+
+
+def test_gallery_with_a_plain_table_and_card_callable():
+    data = gallery_data()
+    calls = []
+
+    def card(f):
+        calls.append(f)
+        return data.card(f)
+
+    gallery = FeatureGallery(data.table[["density", "max_act", "mean_act", "top_tokens"]], card, feature=0)
+    assert calls == [0] and gallery.feature.value == 0
+    assert [o for o, _ in gallery.sort_by.options] == ["density", "max activation", "mean activation", "feature id"]
+
+
+# ----------------------------------------------------------------------------- SteeringPanel
+
+V = ["a", "b", "c", "d"]
+
+
+class FakeModel:
+    """A generate callable that steers feature f towards token V[f]; records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompt, feature, strength):
+        self.calls.append((prompt, feature, strength))
+        words = prompt.split()
+        probs = np.full(4, 0.25)
+        tokens = ["a", "b", "a"]
+        if feature is not None and strength:
+            probs = np.eye(4)[feature] * 0.7 + 0.075
+            tokens = ["a", V[feature], V[feature]]
+        steered = [False] * (len(words) - 1) + [feature is not None] * 4
+        return {"prompt_tokens": words, "tokens": tokens, "steered": steered, "probs": probs}
+
+
+def test_steering_panel_generates_on_release_and_marks_steered_tokens():
+    fake = FakeModel()
+    panel = SteeringPanel(fake, V, ["apple", "red things", "sky", "grass"], prompt="x y z", feature=1)
+    assert fake.calls == [] and panel.strength.continuous_update is False
+    panel.strength.value = 6.0
+    assert fake.calls == [("x y z", None, 0.0), ("x y z", 1, 6.0)]
+    base, steer = panel.next_token_fig.data
+    assert list(base.x) == ["b", "a", "c", "d"] and steer.y[0] == pytest.approx(0.775)
+    assert list(base.y)[0] == 0.25
+    assert "last prompt token and every generated token" in panel.where.value
+    assert panel.steered_html.value.count("border-bottom") == 4  # z and the 3 generated tokens
+    assert panel.steered_html.value.count("font-weight:700") == 1  # a b b against the baseline's a b a
+    assert "red things" in panel.steered_html.value and "1 of 3" in panel.status.value
+    panel.strength.value = -2.0
+    assert fake.calls[-1] == ("x y z", 1, -2.0) and len(fake.calls) == 3  # baseline cached per prompt
+
+
+def test_steering_panel_search_picks_a_feature_without_calling_the_model():
+    fake = FakeModel()
+    panel = SteeringPanel(fake, V, ["apple", "red things", "sky", "grass"], prompt="x y")
+    panel.generate_button.click()
+    n = len(fake.calls)
+    panel.search.value = "sky"
+    assert panel.feature.value == 2 and [i for _, i in panel.results.options] == [2]
+    assert len(fake.calls) == n and "press Generate" in panel.status.value
+    panel.generate_button.click()
+    assert fake.calls[-1] == ("x y", 2, 4.0)
+    assert panel.next_token_fig.data[1].x[0] == "c"
+    panel.search.value = "#3"
+    assert panel.feature.value == 3
+
+
+def test_steering_panel_names_what_a_bad_callable_returned():
+    panel = SteeringPanel(lambda p, f, s: {"tokens": []}, V, 4, prompt="x")
+    with pytest.raises(ValueError, match="prompt_tokens, tokens, steered, probs"):
+        panel.run()
+    panel.status.value = ""
+    panel.generate_button.click()  # ipywidgets logs a handler's exception; the panel shows it
+    assert "ValueError" in panel.status.value and "prompt_tokens" in panel.status.value
+
+
+# ----------------------------------------------------------------------------- static fallback
+
+
+def test_without_anywidget_panels_fall_back_to_static_figures(static):
+    assert figure_widgets_available() is False
+    curves = LiveCurves(every_s=0.0, max_overhead=0)
+    curves(1, {"loss": 2.0})
+    curves(2, {"loss": 1.0})
+    assert type(curves.fig) is go.Figure and list(curves.fig.data[1].y) == [2.0, 1.0]
+    view = curves.children[1]
+    assert isinstance(view, ipw.Output) and array(shown(view)["data"][1]["y"]) == [2.0, 1.0]
+    curves.log_y.value = True
+    assert shown(view)["layout"]["yaxis"]["type"] == "log"
+
+    gallery = FeatureGallery(gallery_data())
+    gallery.feature.value = 1
+    assert type(gallery.hist_fig) is go.Figure
+    assert list(gallery.hist_fig.data[0].y) == list(gallery_data().card(1).hist_counts)
+
+    panel = SteeringPanel(FakeModel(), V, 4, prompt="x y", feature=3)
+    panel.generate_button.click()
+    assert type(panel.next_token_fig) is go.Figure and panel.next_token_fig.data[1].x[0] == "d"
+
+
+def test_the_switch_forces_static_figures(monkeypatch):
+    monkeypatch.setattr(figure_mod, "USE_FIGURE_WIDGET", False)
+    assert type(LiveCurves().fig) is go.Figure
+
+
+# ----------------------------------------------------------------------------- layering
+
+
+def imports(path):
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level + (node.module or ""))
+    return names
+
+
+@pytest.mark.parametrize("folder, allowed", [
+    ("plots", {"__future__", "html", "typing", "numpy", "plotly.graph_objects", "plotly.subplots", ".bars", ".curves", ".html"}),
+    ("widgets", {"__future__", "html", "json", "math", "time", "typing", "ipywidgets", "numpy", "plotly.graph_objects",
+                 "..plots", ".figure", ".gallery", ".live", ".steering"}),
+])
+def test_plots_and_widgets_import_only_what_the_layering_allows(folder, allowed):
+    for path in (ROOT / "nbfeatures" / folder).glob("*.py"):
+        assert imports(path) <= allowed, (path.name, imports(path) - allowed)
+
+
+def test_features_module_stays_free_of_nnsight_and_widgets():
+    assert not {m for m in imports(ROOT / "nbfeatures" / "features.py") if "nnsight" in m or "sites" in m or "widget" in m}
