@@ -15,6 +15,7 @@ Dimension key: N tokens (flattened), F features, D model dim, V vocab, C labels,
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -51,23 +52,30 @@ class FeatureCard(NamedTuple):
 
 
 def sparse_from_topk(acts_NK: Tensor, indices_NK: Tensor, d_sae: int) -> Tensor:
-    """A sparse COO [N, F] activation matrix from a TopK SAE's (acts, indices)."""
+    """A sparse COO [N, F] activation matrix from a TopK SAE's (acts, indices) (distinct indices per row)."""
     N, K = acts_NK.shape
+    indices_NK, order = indices_NK.sort(dim=1)  # row-major sorted entries: already coalesced, no sort later
     rows = torch.arange(N, device=acts_NK.device).repeat_interleave(K)
-    return torch.sparse_coo_tensor(torch.stack([rows, indices_NK.reshape(-1)]), acts_NK.reshape(-1).detach(), (N, d_sae), check_invariants=False)
+    return torch.sparse_coo_tensor(torch.stack([rows, indices_NK.reshape(-1)]), acts_NK.gather(1, order).reshape(-1).detach(),
+                                   (N, d_sae), is_coalesced=True, check_invariants=False)
 
 
 def _group_topk(f: Tensor, v: Tensor, n: Tensor, k: int, F: int) -> tuple[Tensor, Tensor]:
-    """Per feature, the k largest values among (f, v, n) triplets: values [F, k] (0-padded), token ids [F, k] (-1)."""
-    order = torch.argsort(v, descending=True, stable=True)
-    order = order[torch.argsort(f[order], stable=True)]  # grouped by feature, descending within a group
-    fs = f[order]
-    counts = torch.bincount(fs, minlength=F)
-    rank = torch.arange(len(fs)) - (torch.cumsum(counts, 0) - counts)[fs]
-    keep = rank < k
+    """Per feature, the k largest values among (f, v, n) triplets: values [F, k] (0-padded), token ids [F, k] (-1).
+
+    k passes of a per-feature max over all triplets at once (cheaper than sorting millions of them
+    when k is small); ties go to the lower token index, so the result does not depend on the order.
+    """
     top_v, top_n = torch.zeros(F, k), torch.full((F, k), -1, dtype=torch.long)
-    top_v[fs[keep], rank[keep]] = v[order][keep]
-    top_n[fs[keep], rank[keep]] = n[order][keep]
+    v = v.float().clone()
+    none = int(n.max()) + 1 if len(n) else 0
+    for j in range(k):
+        best = torch.full((F,), -math.inf).scatter_reduce(0, f, v, "amax")
+        hit = (v == best[f]) & (v > -math.inf)
+        first = torch.full((F,), none, dtype=torch.long).scatter_reduce(0, f[hit], n[hit], "amin")
+        found = first < none
+        top_v[found, j], top_n[found, j] = best[found], first[found]
+        v[hit & (n == first[f])] = -math.inf  # taken
     return top_v, top_n
 
 
@@ -142,7 +150,7 @@ def summarize_features(
     both = torch.zeros(F, lab.shape[1]) if lab is not None else None
     k = max(n_summary_tokens, 1)
     cand_v, cand_n, cand_f = [], [], []
-    csc = None
+    triplets = None
 
     def consume(n: Tensor, f: Tensor, v: Tensor, rows: int, offset: int) -> None:
         # All statistics from the nonzero (token, feature, value) triplets of a block of rows.
@@ -154,15 +162,14 @@ def summarize_features(
             both.add_(torch.sparse.mm(fires_FN, lab[offset:offset + rows]))
 
     if sparse:
-        a = acts.to_sparse_coo().coalesce()
+        a = acts.to_sparse_coo()
+        a = a if a.is_coalesced() else a.coalesce()  # duplicate entries are summed, as torch.sparse does
         n, f = a.indices()
         v = a.values().float()
         on = v != 0
         n, f, v = n[on], f[on], v[on]
         consume(n, f, v, N, 0)
-        order = torch.argsort(v, descending=True, stable=True)
-        order = order[torch.argsort(f[order], stable=True)]
-        csc = (n[order], v[order], torch.cumsum(count, 0) - count)  # columns for the cards
+        triplets = (n, f, v)  # a card's column is the entries with its feature: one O(nnz) mask, no sort
         top_v, top_n = _group_topk(f, v, n, k, F)
     else:
         rows = max(1, chunk_elements // max(F, 1))
@@ -200,7 +207,7 @@ def summarize_features(
         table["precision"] = precision.gather(1, best[:, None])[:, 0].double().numpy()
         table["recall"] = recall.gather(1, best[:, None])[:, 0].double().numpy()
         table["f1"] = f1.gather(1, best[:, None])[:, 0].double().numpy()
-    return FeatureSummary(table, acts, csc, tokens, seq, pos, vocab, W_dec, W_U, names, dict(
+    return FeatureSummary(table, acts, triplets, tokens, seq, pos, vocab, W_dec, W_U, names, dict(
         n_top=n_top, context=context, n_quantiles=n_quantiles, per_quantile=per_quantile, bins=bins,
         n_output=n_output, seed=seed))
 
@@ -233,10 +240,10 @@ class _Decoder:
 class FeatureSummary:
     """`table`: one row per feature (pandas, index = feature id); `card(f)`: a FeatureCard, computed on first use."""
 
-    def __init__(self, table, acts, csc, tokens, seq, pos, vocab, W_dec, W_U, label_names, opts):
+    def __init__(self, table, acts, triplets, tokens, seq, pos, vocab, W_dec, W_U, label_names, opts):
         self.table: pd.DataFrame = table
         self.label_names = label_names
-        self._acts, self._csc, self._tokens, self._vocab = acts, csc, tokens.numpy(), vocab
+        self._acts, self._triplets, self._tokens, self._vocab = acts, triplets, tokens.numpy(), vocab
         self._seq, self._pos = seq.numpy(), pos.numpy()
         self._W_dec, self._W_U, self._opts = W_dec, W_U, opts
         self._order = np.lexsort((self._pos, self._seq))  # tokens sorted by (sequence, position): contexts are runs
@@ -249,12 +256,12 @@ class FeatureSummary:
 
     def column(self, f: int) -> np.ndarray:
         """Feature f's activation on every token [N]."""
-        if self._csc is None:
+        if self._triplets is None:
             return self._acts[:, f].float().numpy()
-        n, v, start = self._csc
-        s, e = int(start[f]), int(start[f]) + int(self.table["n_fires"].iloc[f])
+        n, feature, v = self._triplets
+        mine = feature == f
         col = np.zeros(len(self._tokens), dtype=np.float32)
-        col[n[s:e].numpy()] = v[s:e].numpy()
+        col[n[mine].numpy()] = v[mine].numpy()
         return col
 
     def context(self, n: int, col: np.ndarray) -> Context:
