@@ -354,3 +354,41 @@ def test_plots_and_widgets_import_only_what_the_layering_allows(folder, allowed)
 
 def test_features_module_stays_free_of_nnsight_and_widgets():
     assert not {m for m in imports(ROOT / "nbfeatures" / "features.py") if "nnsight" in m or "sites" in m or "widget" in m}
+
+
+# ----------------------------------------------------------------------------- steering_fn on tiny models
+
+
+def test_steering_fn_on_tiny_models(model):
+    from nbfeatures import sites
+    from nbfeatures.edits import Steer
+    from nbfeatures.steering import steering_fn, token_strings
+
+    site, prompt = "blocks.0.hook_resid_post", "w1 w2 w3 w4"
+    directions = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    fn = steering_fn(model, site, directions, max_new_tokens=4)
+    base = fn(prompt, None, 0.0)
+    ref = sites.generate(model, prompt, [], max_new_tokens=4).tokens[0]
+    tok = sites.tokenizer_of(model)
+    assert base.prompt_tokens == ["w1", "w2", "w3", "w4"]
+    assert base.prompt_tokens + base.tokens == [tok.decode([i]) for i in ref.tolist()]
+    assert base.steered == [False] * (4 + len(base.tokens))
+    zero = fn(prompt, 1, 0.0)  # identity: zero strength generates the baseline
+    assert zero.tokens == base.tokens and torch.allclose(zero.probs, base.probs, atol=1e-6)
+    assert zero.steered == [False, False, False] + [True] * (1 + len(zero.tokens))  # last prompt token + generated
+
+    out = fn(prompt, 1, 30.0)
+    logits = sites.run(model, prompt, [Steer(site, directions[1], 30.0, slice(-1, None))]).logits[0, -1]
+    torch.testing.assert_close(out.probs, logits.softmax(-1))
+    assert not torch.allclose(out.probs, base.probs, atol=1e-3)
+    with pytest.raises(ValueError, match="out of range.*0..2"):
+        fn(prompt, 3, 1.0)
+
+    vocab = token_strings(model)
+    assert len(vocab) == 64 and vocab[5] == "w5"
+    panel = SteeringPanel(fn, vocab, ["one", "two", "three"], prompt=prompt, feature=1)
+    panel.strength.value = 30.0
+    steered_bars = panel.next_token_fig.data[1]
+    top = int(out.probs.argmax())
+    assert steered_bars.y[list(steered_bars.x).index(vocab[top])] == pytest.approx(float(out.probs[top]), rel=1e-3)
+    assert "last prompt token and every generated token" in panel.where.value

@@ -1,0 +1,87 @@
+"""Steering callables for SteeringPanel, built from a model with the site layer.
+
+    steer = steering_fn(model, "blocks.1.hook_resid_post", sae.W_dec)    # row f of W_dec is feature f's direction
+    SteeringPanel(steer, token_strings(model), names)
+
+    steered activation at positions p:   act[:, p] + strength * directions[f]
+
+`positions` follows nbfeatures.edits: the default `slice(-1, None)` steers the last prompt token
+and every generated token; None steers every position. `edits_fn` takes any edits
+(a codebook's forced code, an ablation), built per (feature, strength).
+
+Dimension key: F features, D width at the site, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from . import sites
+from .edits import Edit, Positions, Steer, position_mask
+
+
+class SteeringOutput(NamedTuple):
+    """What SteeringPanel needs from one generation."""
+
+    prompt_tokens: list[str]
+    tokens: list[str]  # generated
+    steered: list[bool]  # per position of prompt + generation: the edit applies there
+    probs: Tensor  # [V] next-token probabilities at the last prompt position, with the edit
+
+
+def token_strings(model: sites.Model) -> list[str]:
+    """Every token id decoded alone: the `vocab` a SteeringPanel labels its bars with."""
+    tok = sites.tokenizer_of(model)
+    if tok is None:
+        raise ValueError("token_strings needs a model wrapped with its tokenizer: wrap(model, tokenizer=...)")
+    head = sites.unwrap(model).get_output_embeddings() if hasattr(sites.unwrap(model), "get_output_embeddings") else None
+    V = head.weight.shape[0] if head is not None else len(tok)
+    return [tok.decode([i]) if i < len(tok) else f"<{i}>" for i in range(V)]
+
+
+def edits_fn(model: sites.Model, make_edits: Callable[[int, float], Sequence[Edit]], *,
+             positions: Positions = slice(-1, None), max_new_tokens: int = 20,
+             **generate_kwargs) -> Callable[[str, int | None, float], SteeringOutput]:
+    """fn(prompt, feature, strength) generating with `make_edits(feature, strength)` applied; feature None: no edits.
+
+    `positions` must be the positions the edits use: it is what the panel marks as steered.
+    """
+    tok = sites.tokenizer_of(model)
+    if tok is None:
+        raise ValueError("steering needs a model wrapped with its tokenizer: wrap(model, tokenizer=...)")
+
+    def fn(prompt: str, feature: int | None, strength: float) -> SteeringOutput:
+        edits = [] if feature is None else list(make_edits(int(feature), float(strength)))
+        with torch.no_grad():
+            out = sites.generate(model, prompt, edits, max_new_tokens=max_new_tokens, **generate_kwargs)
+            logits = sites.run(model, prompt, edits).logits[0, -1]
+        ids, T = out.tokens[0].tolist(), out.prompt_len
+        mask = position_mask(positions, 0, len(ids), T) if edits else torch.zeros(len(ids), dtype=torch.bool)
+        return SteeringOutput([tok.decode([i]) for i in ids[:T]], [tok.decode([i]) for i in ids[T:]], mask.tolist(),
+                              logits.float().softmax(-1).cpu())
+
+    return fn
+
+
+def steering_fn(model: sites.Model, site: str, directions: Tensor, *, positions: Positions = slice(-1, None),
+                max_new_tokens: int = 20, **generate_kwargs) -> Callable[[str, int | None, float], SteeringOutput]:
+    """fn(prompt, feature, strength): generate with `strength * directions[feature]` added at `site`.
+
+    directions: [F, D], e.g. an SAE's W_dec (rows are feature directions), or [D] for one vector (feature 0).
+    """
+    param = next(sites.unwrap(model).parameters(), None)
+    directions = directions.detach().to(param.device if param is not None else "cpu")
+    if directions.dim() == 1:
+        directions = directions[None]
+    if directions.dim() != 2:
+        raise ValueError(f"directions must be [F, D] (or one vector [D]); got shape {list(directions.shape)}")
+
+    def make(feature: int, strength: float) -> list[Edit]:
+        if not 0 <= feature < len(directions):
+            raise ValueError(f"feature {feature} is out of range: directions has {len(directions)} rows (0..{len(directions) - 1})")
+        return [Steer(site, directions[feature], coef=strength, positions=positions)]
+
+    return edits_fn(model, make, positions=positions, max_new_tokens=max_new_tokens, **generate_kwargs)
