@@ -47,7 +47,11 @@ def edits_fn(model: sites.Model, make_edits: Callable[[int, float], Sequence[Edi
              **generate_kwargs) -> Callable[[str, int | None, float], SteeringOutput]:
     """fn(prompt, feature, strength) generating with `make_edits(feature, strength)` applied; feature None: no edits.
 
-    `positions` must be the positions the edits use: it is what the panel marks as steered.
+    `positions` must be the positions the edits use: it is what the panel marks as steered. A
+    codebook's forced code, for instance (the strength unused):
+
+        force = lambda c, s: [Splice(site, lambda a: layer(a, ids=torch.full((*a.shape[:-1], 1), c)), positions=slice(-1, None))]
+        fn = edits_fn(model, force)
     """
     tok = sites.tokenizer_of(model)
     if tok is None:

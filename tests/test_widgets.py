@@ -361,8 +361,8 @@ def test_features_module_stays_free_of_nnsight_and_widgets():
 
 def test_steering_fn_on_tiny_models(model):
     from nbfeatures import sites
-    from nbfeatures.edits import Steer
-    from nbfeatures.steering import steering_fn, token_strings
+    from nbfeatures.edits import Ablate, Steer
+    from nbfeatures.steering import edits_fn, steering_fn, token_strings
 
     site, prompt = "blocks.0.hook_resid_post", "w1 w2 w3 w4"
     directions = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
@@ -383,6 +383,11 @@ def test_steering_fn_on_tiny_models(model):
     assert not torch.allclose(out.probs, base.probs, atol=1e-3)
     with pytest.raises(ValueError, match="out of range.*0..2"):
         fn(prompt, 3, 1.0)
+
+    ablate = edits_fn(model, lambda f, s: [Ablate(site, positions=[1, 2])], positions=[1, 2], max_new_tokens=2)
+    ablated = ablate(prompt, 0, 1.0)  # any edit: here zero-ablating prompt positions 1 and 2
+    torch.testing.assert_close(ablated.probs, sites.run(model, prompt, [Ablate(site, positions=[1, 2])]).logits[0, -1].softmax(-1))
+    assert ablated.steered == [False, True, True, False, False, False]
 
     vocab = token_strings(model)
     assert len(vocab) == 64 and vocab[5] == "w5"
