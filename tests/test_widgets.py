@@ -89,15 +89,16 @@ def test_live_curves_slow_redraws_push_the_next_one_out():
         refresh()
 
     curves.slot.refresh = slow_refresh
-    curves(1, row(1))
-    assert curves.n_draws == 1
-    for step in (2, 3):
+    curves(1, row(1))  # builds the subplots: a rebuild, which does not set the pace
+    curves(2, row(2))  # the first in-place redraw "took" 50 ms
+    assert curves.n_draws == 2
+    for step in (3, 4):
         clock.t += 1.0
         curves(step, row(step))
-    assert curves.n_draws == 1  # 2.0 s after a 50 ms draw: too soon
+    assert curves.n_draws == 2  # 2.0 s after a 50 ms redraw: too soon for a 2% budget
     clock.t += 0.6
-    curves(4, row(4))
-    assert curves.n_draws == 2 and len(curves.fig.data[1].y) == 4
+    curves(5, row(5))
+    assert curves.n_draws == 3 and len(curves.fig.data[1].y) == 5
 
 
 def test_live_curves_draw_at_total_and_accept_bare_dicts():

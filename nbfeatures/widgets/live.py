@@ -77,7 +77,8 @@ class LiveCurves(ipw.VBox):
         t0 = self._clock()
         panels, smoothing, log_y = self._panels(), self.smoothing.value, self.log_y.value
         shape = (tuple((t, tuple(ms)) for t, ms in panels.items()), log_y, smoothing > 0)
-        if shape == self._shape:
+        fast = shape == self._shape
+        if fast:
             fig = self.slot.figure
             with fig.batch_update():
                 for j, c in enumerate(curves(self.history, panels, smoothing, self.x)):
@@ -93,8 +94,9 @@ class LiveCurves(ipw.VBox):
         self.status.value = f"{self.x} {self.history[self.x][-1]:g} · {shown}" if self.n_calls else "waiting for the first step"
         self.n_draws += 1
         self._last_draw = self._clock()
-        self._last_cost = self._last_draw - t0
-        self.draw_s += self._last_cost
+        if fast:  # a rebuild (new metrics, toggles) is rare: let in-place redraws set the pace
+            self._last_cost = self._last_draw - t0
+        self.draw_s += self._last_draw - t0
 
     def finish(self) -> "LiveCurves":
         """Draw the last rows (a throttled call may have skipped them)."""
