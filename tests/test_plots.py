@@ -61,6 +61,16 @@ def test_training_curves_one_subplot_per_group_raw_and_smoothed_lines():
     assert "step 40" in fig.layout.title.text
 
 
+def test_a_training_history_dataframe_works_as_is():
+    import pandas as pd
+
+    fig = training_curves(pd.DataFrame(HISTORY), smoothing=0.5)
+    assert [t.name for t in fig.data][1] == "loss" and list(fig.data[1].x) == [10, 20, 30, 40]
+    assert "step 40" in fig.layout.title.text
+    fig = training_curves(pd.DataFrame({"loss": [2.0, 1.0]}))
+    assert list(fig.data[1].x) == [1, 2] and "step 2" in fig.layout.title.text
+
+
 def test_smoothing_changes_the_data_and_shows_raw_lines():
     fig = training_curves(HISTORY, smoothing=0.5)
     np.testing.assert_allclose(fig.data[1].y, naive_ema([4.0, 3.0, 2.0, 1.0], 0.5))

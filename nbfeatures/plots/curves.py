@@ -82,7 +82,7 @@ def curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[str]], smoo
            x: str = "step") -> list[Curve]:
     """The data of every line in `training_curves`, in trace order (LiveCurves updates a figure in place with it)."""
     keys = list(history.keys())
-    n_rows = len(next(iter(history.values()))) if keys else 0
+    n_rows = len(history[keys[0]]) if keys else 0
     xs = np.asarray(history[x], dtype=np.float64) if x in keys else np.arange(1, n_rows + 1, dtype=np.float64)
     out = []
     for i, metrics in enumerate(panels.values()):
@@ -94,7 +94,8 @@ def curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[str]], smoo
 
 
 def curves_title(history: Mapping[str, Any], smoothing: float = 0.0, x: str = "step") -> str:
-    xs = history[x] if x in history.keys() else range(1, len(next(iter(history.values()), [])) + 1)
+    keys = list(history.keys())
+    xs = np.asarray(history[x]) if x in keys else np.arange(1, (len(history[keys[0]]) if keys else 0) + 1)
     last = f"{x} {float(xs[-1]):g}" if len(xs) else "no data yet"
     return f"training · {last}" + (f" · EMA {smoothing:g}" if smoothing else "")
 
