@@ -119,7 +119,7 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
     cols = max(1, min(cols, len(titles)))
     rows = -(-len(titles) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.07,
-                        vertical_spacing=0.5 / rows if rows > 1 else 0.1)
+                        vertical_spacing=0.3 / rows if rows > 1 else 0.1)
     for j, c in enumerate(curves(history, panels, smoothing, x)):
         r, col, rgb = c.panel // cols + 1, c.panel % cols + 1, COLORS[j % len(COLORS)]
         fig.add_trace(go.Scatter(x=c.x, y=c.raw, name=f"{c.metric} (raw)", mode="lines", line=dict(color=rgb, width=1),
@@ -129,7 +129,8 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
                                  legendgroup=c.metric), row=r, col=col)
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "none")
     fig.update_xaxes(title_text=x if x in keys or not keys else "row", title_standoff=2)
-    fig.update_layout(height=height or 260 * rows + 60, margin=dict(l=50, r=20, t=60, b=40),
+    fig.update_layout(height=height or 240 * rows + 90, margin=dict(l=50, r=20, t=80, b=40),
                       title=dict(text=curves_title(history, smoothing, x), x=0.01),
-                      legend=dict(orientation="h", y=-0.12), hovermode="x unified", template="plotly_white")
+                      legend=dict(orientation="h", yanchor="bottom", y=1.06, xanchor="right", x=1),
+                      hovermode="x unified", template="plotly_white")
     return fig

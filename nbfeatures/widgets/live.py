@@ -58,7 +58,8 @@ class LiveCurves(ipw.VBox):
             row, step = step, step.get(self.x, self.n_calls + 1)
         row = {**row, self.x: step}
         for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) or hasattr(value, "item"):
+            numeric = isinstance(value, (int, float)) or hasattr(value, "item")  # numbers, numpy scalars, 0-d tensors
+            if numeric and not isinstance(value, bool):
                 if key not in self.history:
                     self.history[key] = [math.nan] * self.n_calls
                 self.history[key].append(float(value))
