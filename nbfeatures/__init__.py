@@ -8,6 +8,7 @@
 
 from ._versions import __version__
 from .edits import Ablate, Splice, Steer
+from .features import FeatureSummary, summarize_features
 from .sites import GenerateOutput, Model, RunOutput, generate, load_model, read_acts, resolve, run, site_names, unwrap, wrap
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "Model", "wrap", "load_model", "unwrap", "site_names", "resolve",
     "read_acts", "run", "generate", "RunOutput", "GenerateOutput",
     "Splice", "Steer", "Ablate",
+    "summarize_features", "FeatureSummary",
 ]
