@@ -286,9 +286,13 @@ class StoryCorpus:
         labels = {c: table_CV[k][ids_BT] for k, c in enumerate(CONCEPTS) if c != "repeated_name"}
         # A name is repeated when the same token occurred earlier in the same story (stories split at SPECIAL).
         story_BT = (ids_BT == 0).long().cumsum(-1)
-        same_BTT = (ids_BT[:, :, None] == ids_BT[:, None, :]) & (story_BT[:, :, None] == story_BT[:, None, :])
-        earlier_BTT = same_BTT & torch.ones_like(same_BTT[0]).tril(-1)
-        labels["repeated_name"] = labels["name"] & earlier_BTT.any(-1)
+        seen_BT = torch.zeros_like(ids_BT, dtype=torch.bool)
+        before_TT = torch.ones(ids_BT.shape[-1], ids_BT.shape[-1], dtype=torch.bool).tril(-1)
+        for i in range(0, len(ids_BT), 256):  # chunks bound the [B, T, T] comparison's memory
+            ids, story = ids_BT[i : i + 256], story_BT[i : i + 256]
+            same_BTT = (ids[:, :, None] == ids[:, None, :]) & (story[:, :, None] == story[:, None, :])
+            seen_BT[i : i + 256] = (same_BTT & before_TT).any(-1)
+        labels["repeated_name"] = labels["name"] & seen_BT
         return {c: labels[c] for c in CONCEPTS}
 
     @property

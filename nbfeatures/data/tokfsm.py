@@ -13,6 +13,7 @@ E out-edges per state (10).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -146,9 +147,12 @@ def as_logits_fn(model) -> Callable[[Tensor], Tensor]:
     if isinstance(model, nn.Module):
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        # HF models warn about padding when the BOS id is also the pad id; a full mask says "no padding".
+        wants_mask = "attention_mask" in inspect.signature(model.forward).parameters
 
         def run(ids_BT: Tensor) -> Tensor:
-            out = model(ids_BT.to(device))
+            ids_BT = ids_BT.to(device)
+            out = model(ids_BT, attention_mask=torch.ones_like(ids_BT)) if wants_mask else model(ids_BT)
             logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
             return logits.float().cpu()
 
@@ -158,7 +162,7 @@ def as_logits_fn(model) -> Callable[[Tensor], Tensor]:
     raise TypeError(f"model must be an nn.Module or a callable ids[B,T] -> logits[B,T,V], got {type(model).__name__}")
 
 
-class _eval_mode:
+class eval_mode:
     """Put a module in eval mode and no-grad for the block, restoring its training flag after."""
 
     def __init__(self, model):
@@ -189,7 +193,7 @@ def first_transition_accuracy(model, fsm: TokFSM | None = None) -> float:
         raise ValueError(f"first_transition_accuracy is defined for 2-digit FSMs, got digits={fsm.digits}")
     run = as_logits_fn(model)
     n = fsm.n_states
-    with _eval_mode(model):
+    with eval_mode(model):
         prefix_ST = torch.cat([torch.full((n, 1), fsm.special_id), fsm.encode(torch.arange(n)[:, None])], 1)
         # One batch of N_S * 10 inputs BOS s a; position -2 gives p(a | s), position -1 gives p(b | s a).
         ids = torch.cat([prefix_ST.repeat_interleave(N_DIGITS, 0), torch.arange(N_DIGITS).repeat(n)[:, None]], 1)
@@ -223,7 +227,7 @@ def transition_accuracy(
     seqs_BT = fsm.sample(n, seed=seed + 1)
     prefix_states = rng.integers(1, max_prefix + 1, size=n)
     valid, total = 0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for k in np.unique(prefix_states):  # sequences with the same prefix length share forward passes
             rows = np.flatnonzero(prefix_states == k)
             ids = seqs_BT[rows, : 1 + k * fsm.digits]
