@@ -26,11 +26,11 @@ lab: install
 
 # The whole suite: unit tests, then every tutorial notebook executed by nbmake.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/browser
 	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks
 
 test-fast: install
-	$(PY) -m pytest tests -x -q
+	$(PY) -m pytest tests --ignore=tests/browser -x -q
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
