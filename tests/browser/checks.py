@@ -1,0 +1,133 @@
+"""The checks, as functions from a notebook's page to a list of problems (empty: it passes).
+
+They are separate from the tests so that test_checks_catch_a_broken_notebook can show that each
+one fails where it should (fixtures/broken/), and the notebook tests stay short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+
+from .labpage import BROKEN_CONSOLE, LabNotebook, NotebookRun, clean
+
+VIEWPORT = {"width": 1280, "height": 900}  # a laptop's browser window; JupyterLab's side bars are collapsed
+PLOTLY = "application/vnd.plotly.v1+json"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def artifact_stem(rel: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", rel.removesuffix(".ipynb"))
+
+
+@contextlib.contextmanager
+def opened(rel: str, server, browser, artifacts, *, run_timeout: float, action_timeout: float, shots: list):
+    """A fresh page with notebook `rel` (relative to the server root) opened and run with Run All.
+
+    A screenshot is taken after the run and again at the end if the panels were used; the browser
+    console is saved next to them; the kernel is shut down and the page closed on the way out.
+    """
+    stem = artifact_stem(rel)
+    run = NotebookRun(rel)
+    context = browser.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(action_timeout * 1000)
+    nb = LabNotebook(context.new_page(), server, rel, run)
+
+    def shot(name: str) -> None:
+        try:
+            path = nb.screenshot(artifacts / f"{stem}{name}.png")
+        except Exception as e:  # a screenshot must not hide the real result
+            run.console.append(f"screenshot failed: {e}")
+            return
+        run.screenshots.append(path)
+        shots.append(path)
+        print(f"\nscreenshot of {rel}: {path}")
+
+    try:
+        try:
+            nb.open(f"nbf-{stem}-{uuid.uuid4().hex[:6]}", timeout_s=120)
+            nb.run_all(run_timeout)
+        except Exception as e:  # reported by the tests (with the screenshot), not as a fixture error
+            run.problem = run.problem or f"{type(e).__name__}: {clean(str(e), 600)}"
+        shot("")
+        yield nb
+        if nb.interacted:
+            shot("-after-interaction")
+    finally:
+        print(f"\n{rel}: seconds {run.timings}")
+        (artifacts / f"{stem}-console.log").write_text("\n".join(run.console + ["--- uncaught page errors ---"]
+                                                                 + run.page_errors) + "\n")
+        server.shutdown_kernels()  # each tutorial's kernel holds a model; free it before the next notebook
+        context.close()
+
+
+def run_problems(nb: LabNotebook) -> list[str]:
+    """Run All finished, every code cell has an execution count, no error from the kernel or the page."""
+    run = nb.run
+    if not run.finished:
+        return [f"Run All did not finish: {run.problem}"]
+    cells = nb.inspect()
+    # nbmake's convention: a cell tagged raises-exception is meant to raise (JupyterLab then runs on, too)
+    expected = {(o["ename"], o["evalue"]) for c in cells if "raises-exception" in c["tags"]
+                for o in c["outputs"] if o["type"] == "error"}
+    errors = [e for e in run.kernel_errors if (e["ename"], e["evalue"]) not in expected]
+    problems = [f"kernel error {e['ename']}: {e['evalue']}\n{clean(e['traceback'])}" for e in errors]
+    for c in cells:
+        for o in c["outputs"]:
+            if o["type"] == "error" and not errors and "raises-exception" not in c["tags"]:  # normally seen on IOPub
+                problems.append(f"cell {c['index']} shows {o['ename']}: {o['evalue']}")
+    not_run = [c["index"] for c in run.state["cells"] if c["count"] is None]
+    if not_run:
+        problems.append(f"cells without an execution count after Run All: {not_run}")
+    problems += [f"uncaught JavaScript error in the page: {clean(e, 600)}" for e in run.page_errors]
+    return problems
+
+
+def render_problems(nb: LabNotebook) -> tuple[list[str], int, int]:
+    """Every plotly output is drawn with marks, every widget output is a visible widget view; (problems, plots, views)."""
+    problems, n_plots, n_views = [], 0, 0
+    for c in nb.inspect():
+        where = f"cell {c['index']}"
+        if len(c["shown"]) != len(c["outputs"]):
+            problems.append(f"{where}: the model has {len(c['outputs'])} outputs, the page shows {len(c['shown'])}")
+            continue
+        for o, s in zip(c["outputs"], c["shown"]):
+            if s["broken"]:
+                problems.append(f"{where}: {s['broken']}")
+            if PLOTLY in o["mimes"] and not s["plots"]:
+                problems.append(f"{where}: a plotly figure output with no .js-plotly-plot in the page")
+            for p in s["plots"]:
+                n_plots += 1
+                if not p["svg"] or p["size"][0] < 50 or p["size"][1] < 50:
+                    problems.append(f"{where}: plot {p['title']!r} not drawn (svg {p['svg']}, size {p['size']})")
+                elif p["traces"] == 0 or p["marks"] == 0:
+                    problems.append(f"{where}: plot {p['title']!r} drawn empty ({p['traces']} traces, {p['marks']} marks)")
+                elif p["visible"] < 0.25 * p["size"][0]:
+                    problems.append(f"{where}: plot {p['title']!r} is off to the side: {p['visible']} of its {p['size'][0]} px "
+                                    f"are in view in a {VIEWPORT['width']} px wide window (the rest is clipped by its container)")
+            if WIDGET in o["mimes"]:
+                n_views += 1
+                if not s["widget"] or s["size"][1] < 5:
+                    problems.append(f"{where}: widget output not shown as a widget view (size {s['size']}, "
+                                    f"text {s['text'][:160]!r})")
+    problems += [f"browser console: {clean(line, 400)}" for line in nb.run.console if BROKEN_CONSOLE.search(line)]
+    return problems, n_plots, n_views
+
+
+def interaction_report(results: list[dict]) -> tuple[list[str], str]:
+    """(problems, one line per control) from LabNotebook.interact's results."""
+    lines, problems = [], []
+    for r in results:
+        what = f"{r['kind']} {r['label']!r}"
+        lines.append(f"  {what}: {r['action']} -> "
+                     + (f"changed {', '.join(r['changed'])}" if r["changed"] else "NOTHING changed"))
+        raised: dict[str, int] = {}  # one line per distinct error, with a count (a slider fires once per step)
+        for e in r["errors"]:
+            key = f"{e['ename']}: {e['evalue']}"
+            raised[key] = raised.get(key, 0) + 1
+        lines += [f"    error {k}" + (f" (x{n})" if n > 1 else "") for k, n in raised.items()]
+        if not r["changed"]:
+            problems.append(f"{what} changed nothing in the page")
+        problems += [f"{what} raised {k}" for k in raised]
+    return problems, "\n".join(lines)
