@@ -11,8 +11,6 @@ Target: at most 1.5x.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
@@ -20,16 +18,7 @@ import torch
 import nbfeatures as nbf
 from nbfeatures.codebook import CodebookConfig, CodebookLayer
 from nbfeatures.codebook_model import CodebookModel
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _timing import timed  # benchmarks/_timing.py (scripts run from benchmarks/ on sys.path)
 
 
 def tokfsm_model():

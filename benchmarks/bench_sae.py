@@ -12,23 +12,11 @@ within 1.5x of the floor. The second table is step time against d_sae at fixed k
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE
-
-
-def timed(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _timing import timed  # benchmarks/_timing.py (scripts run from benchmarks/ on sys.path)
 
 
 def ours(d_in: int, d_sae: int, k: int, x: torch.Tensor):

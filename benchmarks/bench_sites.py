@@ -9,29 +9,17 @@ prints the ratio nbfeatures / hook. Target: every ratio at most 1.5.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 from torch import nn
 
 import nbfeatures as nbf
+from _timing import timed  # benchmarks/_timing.py (scripts run from benchmarks/ on sys.path)
 
 
 class _Stop(Exception):
     pass
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def tiny_gpt2() -> tuple[nn.Module, None]:
@@ -106,7 +94,7 @@ def main() -> None:
     print(f"{'operation':<58} {'nbfeatures ms':>14} {'hook ms':>9} {'ratio':>7}")
     worst = 0.0
     for label, ours, ref in rows:
-        t_ours, t_ref = timed(ours, args.reps), timed(ref, args.reps)
+        t_ours, t_ref = timed(ours, args.reps, warmup=3) * 1e3, timed(ref, args.reps, warmup=3) * 1e3
         ratio = t_ours / t_ref
         if label != "plain forward (no hooks)":
             worst = max(worst, ratio)

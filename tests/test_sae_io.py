@@ -146,7 +146,7 @@ def test_mismatched_weights_and_configs(tmp_path, topk):
     save_sae(topk, tmp_path)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 95}))
-    with pytest.raises(ValueError, match=r"W_dec has shape \[96, 24\], expected \[95, 24\] from the config"):
+    with pytest.raises(ValueError, match=r"W_enc has shape \[24, 96\], expected \[24, 95\] from the config"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
     with pytest.raises(ValueError, match=r"architecture 'jumprelu' is not supported; supported: \['nbfeatures.binary', 'standard', 'topk'\]"):

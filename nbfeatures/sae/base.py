@@ -65,6 +65,14 @@ def dense_from_sparse(acts_NK: Tensor, idx_NK: Tensor, n_latents: int) -> Tensor
     return torch.zeros(acts_NK.shape[0], n_latents, dtype=acts_NK.dtype, device=acts_NK.device).scatter_(1, idx_NK, acts_NK)
 
 
+def tied_unit_init(d_in: int, d_sae: int, seed: int | None = 0) -> tuple[Tensor, Tensor]:
+    """(W_enc [D, F], W_dec [F, D]): random unit decoder rows, the encoder their transpose ("tied", Gao et al.)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    W_dec = torch.randn(d_sae, d_in, generator=gen)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    return W_dec.t().clone(), W_dec
+
+
 @torch.no_grad()
 def unit_norm_rows_(W_FD: Tensor) -> None:
     W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import FiringTracker, check_input, fvu, geometric_median, remove_parallel_grad_, unit_norm_rows_
+from .base import FiringTracker, tied_unit_init, check_input, fvu, geometric_median, remove_parallel_grad_, unit_norm_rows_
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,8 @@ class ReLUSAE(nn.Module):
     def __init__(self, cfg: ReLUConfig, seed: int | None = 0):
         super().__init__()
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())
+        W_enc, W_dec = tied_unit_init(cfg.d_in, cfg.d_sae, seed)
+        self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (
-    FiringTracker, check_input, dense_from_sparse, fvu, gather_pre, geometric_median, remove_parallel_grad_, sparse_decode,
+    FiringTracker, tied_unit_init, check_input, dense_from_sparse, fvu, gather_pre, geometric_median, remove_parallel_grad_, sparse_decode,
     unit_norm_rows_,
 )
 
@@ -65,11 +65,8 @@ class TopKSAE(nn.Module):
     def __init__(self, cfg: TopKConfig, seed: int | None = 0):
         super().__init__()
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())  # "tied" init: the encoder starts as the decoder's transpose
+        W_enc, W_dec = tied_unit_init(cfg.d_in, cfg.d_sae, seed)
+        self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
