@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import ipywidgets as ipw
+import numpy as np
 import plotly.graph_objects as go
 
 USE_FIGURE_WIDGET: bool | None = None  # None: probe once; True / False: force it (tests, or a front end without anywidget)
@@ -35,7 +36,9 @@ def replace_figure(target: go.Figure, new: go.Figure) -> None:
     with target.batch_update():
         if len(target.data) == len(new.data) and all(a.type == b.type for a, b in zip(target.data, new.data)):
             for a, b in zip(target.data, new.data):
-                props = b.to_plotly_json()
+                # plain lists, not numpy arrays: when the page echoes the update back, plotly compares values
+                # with `==`, and an array there raises "truth value of an array is ambiguous" (seen in the browser)
+                props = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in b.to_plotly_json().items()}
                 props.pop("type", None)
                 props.update({k: None for k in a.to_plotly_json() if k not in props and k not in ("type", "uid")})
                 a.update(props, overwrite=True)

@@ -83,8 +83,9 @@ class LiveCurves(ipw.VBox):
             fig = self.slot.figure
             with fig.batch_update():
                 for j, c in enumerate(curves(self.history, panels, smoothing, self.x)):
-                    fig.data[2 * j].x, fig.data[2 * j].y = c.x, c.raw
-                    fig.data[2 * j + 1].x, fig.data[2 * j + 1].y = c.x, c.smooth
+                    # lists, not numpy arrays (see replace_figure)
+                    fig.data[2 * j].x, fig.data[2 * j].y = list(map(float, c.x)), list(map(float, c.raw))
+                    fig.data[2 * j + 1].x, fig.data[2 * j + 1].y = list(map(float, c.x)), list(map(float, c.smooth))
                 fig.layout.title.text = curves_title(self.history, smoothing, self.x)
             self.slot.refresh()
         else:
