@@ -213,7 +213,8 @@ def transition_accuracy(
     Each of `n` real sequences is cut after BOS + k whole states (k uniform in [1, max], so every depth of
     the context is tested), then `new_states` states are sampled token by token. The transitions counted
     are last-prefix-state -> first new state and between new states; a state holding a special token is
-    invalid, and so is any transition touching it.
+    invalid, and so is any transition touching it. The model must be causal: all rows advance together,
+    each reading its logits at its own position, so tokens to the right of it must not matter.
     """
     fsm = fsm or TokFSM()
     if new_states < 1 or temperature <= 0:
@@ -224,18 +225,17 @@ def transition_accuracy(
     run = as_logits_fn(model)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    seqs_BT = fsm.sample(n, seed=seed + 1)
-    prefix_states = rng.integers(1, max_prefix + 1, size=n)
-    valid, total = 0, 0
+    ids_BT = fsm.sample(n, seed=seed + 1)
+    prefix_B = torch.as_tensor(rng.integers(1, max_prefix + 1, size=n))
+    pos_B = prefix_B * fsm.digits  # position of each row's last prefix token
+    rows = torch.arange(n)
     with eval_mode(model):
-        for k in np.unique(prefix_states):  # sequences with the same prefix length share forward passes
-            rows = np.flatnonzero(prefix_states == k)
-            ids = seqs_BT[rows, : 1 + k * fsm.digits]
-            for _ in range(new_states * fsm.digits):
-                logits = run(ids)[:, -1] / temperature
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
-                ids = torch.cat([ids, nxt], 1)
-            states = fsm.decode(ids)[:, k - 1 :].numpy()  # last prefix state + the new ones
-            valid += int(fsm.is_valid(states[:, :-1], states[:, 1:]).sum())
-            total += states[:, 1:].size
-    return valid / total
+        for _ in range(new_states * fsm.digits):
+            logits_BV = run(ids_BT[:, : int(pos_B.max()) + 1])[rows, pos_B] / temperature
+            ids_BT[rows, pos_B + 1] = torch.multinomial(logits_BV.softmax(-1), 1, generator=gen)[:, 0]
+            pos_B += 1
+    states_BS = fsm.decode(ids_BT)  # BOS dropped: state j sits at tokens 2j+1, 2j+2
+    # Row b: its last prefix state is number prefix_B[b] - 1, followed by new_states sampled ones.
+    idx_BS = (prefix_B - 1)[:, None] + torch.arange(new_states + 1)
+    chain_BS = states_BS.gather(1, idx_BS).numpy()
+    return float(fsm.is_valid(chain_BS[:, :-1], chain_BS[:, 1:]).mean())
