@@ -103,7 +103,7 @@ def save(name: str, out: Path, model, cfg: TrainConfig, history: list, metrics: 
                      "cpu_count": os.cpu_count(), "torch_threads": threads},  # fmt: skip
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "metrics": metrics,
-        "command": f"python -m nbfeatures.zoo.train {name} --steps {cfg.steps}",
+        "command": f"python -m nbfeatures.zoo.train {name} --steps {cfg.steps} --threads {threads}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loss_curve": [(r["step"], round(r["smooth_loss"], 4)) for r in history[::4]],
     }
