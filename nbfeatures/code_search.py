@@ -10,7 +10,7 @@ Dimension key: B sequences, T positions, N tokens (flattened), G groups, K codes
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -29,6 +29,38 @@ def collect_codes(cb: CodebookModel, tokens: Tensor, batch_size: int = 64) -> di
         for s in cb.sites:
             out[s].append(run.outputs[s].codes.cpu())
     return {s: torch.cat(v) for s, v in out.items()}
+
+
+def codes_frame(codes: Mapping[str, Any], tokens: Sequence[Sequence[str]] | None = None) -> pd.DataFrame:
+    """Which code fired where, one row per (sequence, position, site, group, slot), best slot first.
+
+    `codes`: site -> codes [B, T, (G,) K] (as `collect_codes` returns) or -> a CodebookOutput (as in
+    `CodebookModel.run(...).outputs`, which adds each code's cosine `sim`). `tokens[b][t]`: token strings.
+    """
+    frames = []
+    for site, c in codes.items():
+        sims = getattr(c, "sims", None)
+        ids = getattr(c, "codes", c)
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dim() not in (3, 4):
+            raise ValueError(f"codes[{site!r}] must be integer codes [B, T, K] or [B, T, G, K] (or a CodebookOutput), "
+                             f"got {getattr(ids, 'dtype', type(ids).__name__)} {list(getattr(ids, 'shape', []))}")
+        grid = ids if ids.dim() == 4 else ids[:, :, None]  # [B, T, G, K]
+        B, T, G, K = grid.shape
+        idx = torch.stack(torch.meshgrid(*(torch.arange(n) for n in (B, T, G, K)), indexing="ij"), -1).reshape(-1, 4)
+        df = pd.DataFrame({"seq": idx[:, 0].numpy(), "pos": idx[:, 1].numpy(), "site": site, "group": idx[:, 2].numpy(),
+                           "slot": idx[:, 3].numpy(), "code": grid.reshape(-1).cpu().numpy()})
+        if sims is not None:
+            df["sim"] = (sims if sims.dim() == 4 else sims[:, :, None]).reshape(-1).detach().float().cpu().numpy()
+        frames.append(df)
+    if not frames:
+        raise ValueError("codes is empty: pass at least one site")
+    out = pd.concat(frames, ignore_index=True)
+    if tokens is not None:
+        B, T = int(out.seq.max()) + 1, int(out.pos.max()) + 1
+        if len(tokens) < B or any(len(tokens[b]) < T for b in range(B)):
+            raise ValueError(f"tokens must give {T} token strings for each of {B} sequences")
+        out.insert(2, "token", [tokens[b][t] for b, t in zip(out.seq, out.pos)])
+    return out
 
 
 def regex_targets(texts: Sequence[Sequence[str]], pattern: str) -> Tensor:

@@ -3,6 +3,7 @@
 The base model's code is never edited: each forward pass splices every enabled codebook at its
 site (`Splice(site, layer)`), and interventions take a codebook's place at their site:
     ForceCodes(site, layer, codes, positions=..., mode="all" | "last")   the chosen codes are forced
+    PatchCodes(site, layer, codes_B, positions=...)                       row b gets its own codes (patching)
     BlockCodes(site, layer, codes, positions=...)                         these codes cannot be chosen
 Finetuning: L = CE(next token) + mse_coef * sum over sites of MSE(codes, stopgrad(normalised input)),
 with the codebooks at lr and the model at lr * model_lr_factor.
@@ -58,6 +59,33 @@ class ForceCodes:
         else:
             sel[..., -len(self.codes):] = torch.tensor(self.codes, device=ids.device)
         ids[:, mask_T] = sel
+        out = self.layer(act, ids=ids)
+        return out.x_hat, out
+
+
+@dataclass(frozen=True, eq=False)
+class PatchCodes:
+    """At `positions`, row b of the batch gets the codes `codes[b]` [B, (G,) K] (e.g. another input's codes)."""
+
+    site: str
+    layer: CodebookLayer
+    codes: Tensor
+    positions: Positions = None
+
+    def __post_init__(self):
+        c = self.layer.cfg
+        want = (c.n_groups, c.k) if c.n_groups > 1 else (c.k,)
+        if not isinstance(self.codes, Tensor) or self.codes.is_floating_point() or tuple(self.codes.shape[1:]) != want:
+            raise ValueError(f"PatchCodes at {self.site}: codes must be an integer tensor [B, {', '.join(map(str, want))}], "
+                             f"got {getattr(self.codes, 'dtype', type(self.codes).__name__)} {list(getattr(self.codes, 'shape', []))}")
+        if self.codes.numel() and not (0 <= int(self.codes.min()) and int(self.codes.max()) < c.n_codes):
+            raise ValueError(f"PatchCodes at {self.site}: codes must lie in [0, {c.n_codes})")
+
+    def apply(self, act: Tensor, mask_T: Tensor) -> tuple[Tensor, Any]:
+        ids = self.layer(act).codes.clone()  # [B, T, (G,) K]
+        if len(self.codes) != len(ids):
+            raise ValueError(f"PatchCodes at {self.site}: {len(self.codes)} rows of codes for a batch of {len(ids)}")
+        ids[:, mask_T] = self.codes.to(ids.device)[:, None]
         out = self.layer(act, ids=ids)
         return out.x_hat, out
 

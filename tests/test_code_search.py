@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
-from nbfeatures.code_search import neuron_precision_at_recall, rank_codes, regex_targets
+from nbfeatures.codebook import CodebookConfig, CodebookLayer
+from nbfeatures.code_search import codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
 
 
 def test_regex_targets_mark_the_capture_groups_token():
@@ -52,3 +53,20 @@ def test_neuron_baseline_at_matched_recall():
         neuron_precision_at_recall(acts, target, 0)
     with pytest.raises(ValueError, match="never occurs"):
         neuron_precision_at_recall(acts, torch.zeros(2000, dtype=torch.bool), 0.5)
+
+
+def test_codes_frame_lists_every_fired_code_per_token_and_site():
+    heads = CodebookLayer(CodebookConfig(4, 6, k=2, n_groups=3))
+    out = heads(torch.randn(2, 5, 3, 4))
+    flat = torch.tensor([[[1], [2], [3]], [[4], [5], [0]]])  # [B=2, T=3, K=1]
+    toks = [["a", "b", "c", "d", "e"], ["f", "g", "h", "i", "j"]]
+    df = codes_frame({"heads": out, "mlp": flat}, tokens=toks)
+    assert len(df) == 2 * 5 * 3 * 2 + 2 * 3
+    row = df[(df.site == "heads") & (df.seq == 1) & (df.pos == 4) & (df.group == 2) & (df.slot == 1)].iloc[0]
+    assert row.code == out.codes[1, 4, 2, 1] and row.token == "j" and row.sim == pytest.approx(out.sims[1, 4, 2, 1].item())
+    mlp = df[df.site == "mlp"]
+    assert mlp.code.tolist() == [1, 2, 3, 4, 5, 0] and mlp.token.tolist() == list("abcfgh") and mlp.sim.isna().all()
+    with pytest.raises(ValueError, match=r"codes\['x'\] must be integer codes"):
+        codes_frame({"x": torch.randn(2, 3, 1)})
+    with pytest.raises(ValueError, match="token strings"):
+        codes_frame({"mlp": flat}, tokens=[["a"]])

@@ -6,7 +6,7 @@ import torch
 from conftest import VOCAB
 from nbfeatures import sites
 from nbfeatures.codebook import CodebookConfig, CodebookLayer
-from nbfeatures.codebook_model import BlockCodes, CodebookModel, CodebookObjective, ForceCodes, load_codebook_model
+from nbfeatures.codebook_model import BlockCodes, CodebookModel, CodebookObjective, ForceCodes, PatchCodes, load_codebook_model
 from nbfeatures.harvest import TokenSource
 from nbfeatures.train import TrainConfig, train_sae
 
@@ -58,6 +58,40 @@ def test_forcing_at_positions_and_the_lowest_slot_of_one_head(cb, ids):
     assert (out[:, [2, 9], 1, 1] == 3).all()  # head 1, lowest-ranked slot
     assert torch.equal(out[:, [2, 9], 1, 0], natural[:, [2, 9], 1, 0])  # its top slot untouched
     assert torch.equal(out[:, :, [0, 2, 3]], natural[:, :, [0, 2, 3]])  # other heads untouched
+
+
+def test_forcing_all_k_slots_of_every_head(cb, ids):
+    heads = cb.layer(HEADS)
+    natural = cb.run(ids).outputs[HEADS].codes
+    out = cb.run(ids, [ForceCodes(HEADS, heads, codes=(5, 6), positions=[3])])
+    assert (out.outputs[HEADS].codes[:, 3, :, 0] == 5).all() and (out.outputs[HEADS].codes[:, 3, :, 1] == 6).all()
+    assert torch.equal(out.outputs[HEADS].codes[:, :3], natural[:, :3])
+    # the model saw the sum of codes 5 and 6 of each head there (read the site as the model saw it)
+    seen = cb.run(ids, [ForceCodes(HEADS, heads, codes=(5, 6), positions=[3])], read=[HEADS]).acts[HEADS]
+    torch.testing.assert_close(seen[:, 3], (heads.codebook[:, 5] + heads.codebook[:, 6]).expand(len(ids), -1, -1))
+
+
+def test_forced_codes_from_a_position_on_persist_through_generation(cb, ids):
+    force = ForceCodes(MLP, cb.layer(MLP), codes=(11,), positions=slice(-1, None))
+    out = cb.generate(ids, [force], max_new_tokens=4, min_new_tokens=4)
+    prompt = out.outputs[0][MLP].codes
+    assert (prompt[:, -1] == 11).all() and not (prompt[:, :-1] == 11).all()
+    assert all((step[MLP].codes == 11).all() for step in out.outputs[1:])
+
+
+def test_patching_gives_each_row_its_own_codes(cb, ids):
+    heads, mlp = cb.layer(HEADS), cb.layer(MLP)
+    donor = cb.run(ids.flip(0)).outputs  # row b takes the codes row B-1-b chose at the last position
+    patches = [PatchCodes(MLP, mlp, donor[MLP].codes[:, -1], positions=[-1]),
+               PatchCodes(HEADS, heads, donor[HEADS].codes[:, -1], positions=[-1])]
+    out = cb.run(ids, patches).outputs
+    natural = cb.run(ids).outputs
+    assert torch.equal(out[MLP].codes[:, -1], donor[MLP].codes[:, -1]) and torch.equal(out[HEADS].codes[:, -1], donor[HEADS].codes[:, -1])
+    assert torch.equal(out[MLP].codes[:, :-1], natural[MLP].codes[:, :-1])
+    with pytest.raises(ValueError, match=r"codes must be an integer tensor \[B, 4, 2\]"):
+        PatchCodes(HEADS, heads, donor[HEADS].codes[:, -1, 0])
+    with pytest.raises(ValueError, match=r"2 rows of codes for a batch of 3"):
+        cb.run(ids, [PatchCodes(MLP, mlp, donor[MLP].codes[:2, -1])])
 
 
 def test_blocked_codes_are_never_chosen(cb, ids):

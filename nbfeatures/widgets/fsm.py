@@ -1,0 +1,107 @@
+"""FSM probing panel: pick a state to see its digits' codes per codebook; force a code to see where the model goes next.
+
+The panel never sees a model; it calls
+
+    codes(state) -> {codebook label: (code on the 1st digit, code on the 2nd digit)}
+    next_states(state, site, code) -> [n_states] next-state probabilities after reading the state,
+                                     with `code` forced at `site` on its 2nd digit (site, code = None, None: no forcing)
+
+`out_edges[s]` lists the true successors of state s; they are marked on the bar chart. "Use the code of
+state ..." copies another state's 2nd-digit code at the chosen site, which is the paper's patching experiment.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Callable, Mapping, Sequence
+
+import ipywidgets as ipw
+import numpy as np
+import plotly.graph_objects as go
+
+from ..plots.fsm import next_state_bars, state_codes_table
+from .figure import FigureSlot
+
+
+class FSMPanel(ipw.VBox):
+    """Controls: state, site, code, source (a state whose code to copy), force button. Figures: codes_fig, dist_fig."""
+
+    def __init__(self, codes: Callable[[int], Mapping[str, tuple[int, int]]],
+                 next_states: Callable[[int, str | None, int | None], Sequence[float]],
+                 out_edges: Sequence[Sequence[int]], sites: Sequence[str], n_codes: int, *, state: int = 0, digits: int = 2):
+        self.codes_fn, self.next_fn, self.digits = codes, next_states, digits
+        self.out_edges = [list(map(int, e)) for e in out_edges]
+        self.n_states = len(self.out_edges)
+        if not sites:
+            raise ValueError("sites must name at least one codebook the code can be forced at")
+        if not 0 <= state < self.n_states:
+            raise ValueError(f"state must lie in [0, {self.n_states}), got {state}")
+        self.state = ipw.BoundedIntText(value=state, min=0, max=self.n_states - 1, description="state")
+        self.site = ipw.Dropdown(options=list(sites), value=sites[0], description="force at")
+        self.code = ipw.BoundedIntText(value=0, min=0, max=n_codes - 1, description="code")
+        self.source = ipw.Dropdown(options=[("(pick a code by hand)", None)] + [(self._name(s), s) for s in range(self.n_states)],
+                                   value=None, description="code of state")
+        self.force_button = ipw.Button(description="Force", button_style="primary", icon="play")
+        self.status = ipw.HTML()
+        self._codes = FigureSlot(state_codes_table([], [], []))
+        self._dist = FigureSlot(next_state_bars(np.zeros(self.n_states), None, []))
+        self.before: np.ndarray | None = None  # last distributions drawn, as arrays
+        self.after: np.ndarray | None = None
+        self.state.observe(lambda _: self.show_state(), names="value")
+        self.source.observe(lambda _: self._copy_source(), names="value")
+        self.site.observe(lambda _: self._copy_source(), names="value")
+        self.force_button.on_click(lambda _: self.force())
+        super().__init__([ipw.HBox([self.state, self.site]), ipw.HBox([self.source, self.code, self.force_button]), self.status,
+                          self._codes.view, self._dist.view])
+        self.show_state()
+
+    @property
+    def codes_fig(self) -> go.Figure:
+        return self._codes.figure
+
+    @property
+    def dist_fig(self) -> go.Figure:
+        return self._dist.figure
+
+    def _name(self, s: int) -> str:
+        return str(s).zfill(self.digits)
+
+    def show_state(self) -> None:
+        """Draw the picked state's codes and its unforced next-state distribution."""
+        s = int(self.state.value)
+        table = dict(self.codes_fn(s))
+        self._codes.update(state_codes_table(list(table), [v[0] for v in table.values()], [v[1] for v in table.values()],
+                                             self._name(s)))
+        self.before, self.after = np.asarray(self.next_fn(s, None, None), dtype=np.float64), None
+        self._draw(f"state {self._name(s)}: next-state distribution (no forcing)")
+        self._copy_source()
+
+    def _copy_source(self) -> None:
+        if self.source.value is None:
+            return
+        label = self.site.value
+        table = dict(self.codes_fn(int(self.source.value)))
+        if label not in table:
+            raise ValueError(f"codes({self.source.value}) has no entry for site {label!r}; it has {list(table)}")
+        self.code.value = int(table[label][1])
+
+    def force(self) -> None:
+        """Run with the code forced and draw before / after."""
+        s, site, code = int(self.state.value), self.site.value, int(self.code.value)
+        try:
+            self.after = np.asarray(self.next_fn(s, site, code), dtype=np.float64)
+        except Exception as e:
+            self.status.value = f"<span style='color:#d62728'>{type(e).__name__}: {html.escape(str(e))}</span>"
+            raise
+        src = self.source.value
+        self._draw(f"state {self._name(s)}, code {code} forced at {site}" + (f" (the code of state {self._name(src)})" if src is not None else ""),
+                   self.out_edges[src] if src is not None else ())
+        on_edges = float(self.after[self.out_edges[s]].sum())
+        on_target = float(self.after[self.out_edges[src]].sum()) if src is not None else None
+        self.status.value = (f"P(true out-edge of {self._name(s)}): {float(self.before[self.out_edges[s]].sum()):.2f} → {on_edges:.2f}"
+                             + (f"; P(out-edge of {self._name(src)}): {on_target:.2f}" if on_target is not None else ""))
+
+    def _draw(self, title: str, target_edges: Sequence[int] = ()) -> None:
+        if len(self.before) != self.n_states:
+            raise ValueError(f"next_states returned {len(self.before)} probabilities; expected one per state ({self.n_states})")
+        self._dist.update(next_state_bars(self.before, self.after, self.out_edges[int(self.state.value)], target_edges, title))
