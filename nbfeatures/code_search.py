@@ -107,6 +107,39 @@ def rank_codes(codes: Tensor, target: Tensor, n_codes: int, min_count: int = 1) 
     return df.sort_values(["precision", "recall"], ascending=False).reset_index(drop=True)
 
 
+def best_code_per_label(codes: Tensor, labels: Tensor, n_codes: int, n_labels: int | None = None) -> pd.DataFrame:
+    """For every label value (e.g. each of 100 FSM states), the code that best detects it, by F1.
+
+    `codes` [B, T, (G,) K], `labels` long [B, T] with -1 where no label holds. One pass for all labels:
+    hits[label, code] by bincount; precision = hits / fires(code), recall = hits / count(label).
+    """
+    if labels.shape != codes.shape[:2] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape {list(codes.shape[:2])} (-1: no label), "
+                         f"got {labels.dtype} {list(labels.shape)}")
+    L = int(labels.max()) + 1 if n_labels is None else n_labels
+    if L <= 0:
+        raise ValueError("labels holds no label (all -1)")
+    N = labels.numel()
+    c = codes.reshape(N, -1, codes.shape[-1]) if codes.dim() == 4 else codes.reshape(N, 1, -1)
+    G = c.shape[1]
+    ids_NGK = (c + torch.arange(G)[None, :, None] * n_codes).sort(-1).values  # one id space over all groups
+    once = torch.ones_like(ids_NGK, dtype=torch.bool)
+    once[..., 1:] = ids_NGK[..., 1:] != ids_NGK[..., :-1]  # a code in two of a token's k slots fires once there
+    fires = torch.bincount(ids_NGK[once], minlength=G * n_codes).float()
+    lab = labels.reshape(N, 1, 1).expand_as(ids_NGK)
+    on = (lab >= 0) & once
+    hits = torch.bincount((lab[on] * G * n_codes + ids_NGK[on]), minlength=L * G * n_codes).reshape(L, G * n_codes).float()
+    support = torch.bincount(labels.reshape(-1)[labels.reshape(-1) >= 0], minlength=L).float()
+    precision, recall = hits / fires.clamp_min(1), hits / support.clamp_min(1)[:, None]
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    best = f1.argmax(1)
+    rows = torch.arange(L)
+    df = pd.DataFrame({"label": rows.numpy(), "group": (best // n_codes).numpy(), "code": (best % n_codes).numpy(),
+                       "precision": precision[rows, best].numpy(), "recall": recall[rows, best].numpy(),
+                       "support": support.long().numpy(), "fires": fires[best].long().numpy()})
+    return df if codes.dim() == 4 else df.drop(columns="group")
+
+
 def neuron_precision_at_recall(acts_ND: Tensor, target_N: Tensor, recall: float) -> pd.DataFrame:
     """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first."""
     t = target_N.bool().reshape(-1)

@@ -189,8 +189,14 @@ class CodebookModel(nn.Module):
 
 
 def load_codebook_model(folder: str | os.PathLike) -> CodebookModel:
-    """Load a folder written by CodebookModel.save (model in save_pretrained form + codebooks)."""
+    """Load a folder written by CodebookModel.save (model in save_pretrained form + codebooks), or a zoo codebook model by name."""
+    from .zoo import ZOO_DIR, codebook_models
+
+    if isinstance(folder, str) and not pathlib.Path(folder).exists() and folder in codebook_models():
+        folder = ZOO_DIR / folder
     folder = pathlib.Path(folder)
+    if not (folder / "codebooks.json").is_file():
+        raise ValueError(f"{folder} holds no codebooks.json: not a codebook model folder (zoo codebook models: {codebook_models()})")
     cfg = load_json(folder / "codebooks.json")
     if cfg.get("format") != "nbfeatures.codebook_model":
         raise ValueError(f"{folder}/codebooks.json: not a codebook model (format {cfg.get('format')!r})")

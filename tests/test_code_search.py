@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nbfeatures.codebook import CodebookConfig, CodebookLayer
-from nbfeatures.code_search import codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
+from nbfeatures.code_search import best_code_per_label, codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
 
 
 def test_regex_targets_mark_the_capture_groups_token():
@@ -70,3 +70,21 @@ def test_codes_frame_lists_every_fired_code_per_token_and_site():
         codes_frame({"x": torch.randn(2, 3, 1)})
     with pytest.raises(ValueError, match="token strings"):
         codes_frame({"mlp": flat}, tokens=[["a"]])
+
+
+def test_best_code_per_label_agrees_with_rank_codes_on_each_label():
+    g = torch.Generator().manual_seed(0)
+    B, T, G, K, C = 6, 40, 2, 2, 9
+    codes = torch.randint(0, C, (B, T, G, K), generator=g)
+    labels = torch.randint(-1, 3, (B, T), generator=g)
+    codes[..., 1, 0] = torch.where(labels == 2, 4, codes[..., 1, 0])  # group 1 code 4 fires on every label-2 token
+    df = best_code_per_label(codes, labels, C)
+    assert df.label.tolist() == [0, 1, 2] and df.support.tolist() == [int((labels == k).sum()) for k in range(3)]
+    assert df.iloc[2][["group", "code", "recall"]].tolist() == [1, 4, 1.0]
+    for k in range(3):
+        ranked = rank_codes(codes, labels == k, C)
+        f1 = 2 * ranked.precision * ranked.recall / (ranked.precision + ranked.recall)
+        assert df.iloc[k].precision == pytest.approx(ranked.precision[f1.idxmax()])
+        assert df.iloc[k].recall == pytest.approx(ranked.recall[f1.idxmax()])
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \[6, 40\]"):
+        best_code_per_label(codes, labels[:, :5], C)

@@ -3,6 +3,10 @@
 Each `nbfeatures/zoo/<name>/` holds config.json, model.safetensors, tokenizer files and model_card.json, so
 `AutoModelForCausalLM.from_pretrained(zoo.path(name))` works without nbfeatures. `load_pretrained` adds
 zoo names, clear errors for broken folders, and device placement.
+
+Codebook models (`tokfsm-codebook`, `stories-codebook`, ...) are such folders too (the finetuned transformer)
+plus codebooks.safetensors and codebooks.json naming their base zoo model; `load_codebook(name)` returns the
+model with its codebooks inserted, `load_pretrained(name)` the finetuned transformer alone.
 """
 
 from __future__ import annotations
@@ -13,12 +17,29 @@ from pathlib import Path
 ZOO_DIR = Path(__file__).parent
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-__all__ = ["available", "path", "card", "load_pretrained"]
+__all__ = ["available", "codebook_models", "path", "card", "load_pretrained", "load_codebook"]
 
 
 def available() -> list[str]:
     """Names of the shipped models."""
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def codebook_models() -> list[str]:
+    """Names of the shipped codebook models (a subset of `available()`)."""
+    return [n for n in available() if (ZOO_DIR / n / "codebooks.json").is_file()]
+
+
+def load_codebook(name_or_path: str | Path):
+    """A CodebookModel from a zoo codebook model's name or a folder written by CodebookModel.save."""
+    from ..codebook_model import load_codebook_model
+
+    name = str(name_or_path)
+    if name in codebook_models():
+        return load_codebook_model(ZOO_DIR / name)
+    if Path(name).expanduser().is_dir():
+        return load_codebook_model(Path(name).expanduser())
+    raise ValueError(f"{name!r} is neither a zoo codebook model (available: {codebook_models()}) nor a folder")
 
 
 def path(name: str) -> Path:
