@@ -7,8 +7,10 @@ TORCH  ?= torch==2.13.0
 EXTRAS ?= lab,dev,saelens
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(EXTRAS)
+# Playwright drives Debian's chromium (`make chromium`); it must never download a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: install lab test test-fast bench clean
+.PHONY: install lab chromium test test-browser test-fast bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -24,10 +26,29 @@ ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: install
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) 00_quickstart.ipynb
 
-# The whole suite: unit tests, then every tutorial notebook executed by nbmake.
-test: install
+# Debian's chromium for the browser tests: installed with apt-get when missing and we are root.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || [ -n "$$NBF_CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser tests (apt-get)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+	  echo "make chromium: no chromium on PATH and cannot install it here (needs root and apt-get)."; \
+	  echo "  Install it yourself (Debian/Ubuntu: sudo apt-get install chromium) or set NBF_CHROMIUM=/path/to/chromium;"; \
+	  echo "  without it the browser tests skip on this machine (and fail in CI)."; \
+	fi
+
+# The whole suite: unit tests, every tutorial notebook executed by nbmake, then every notebook
+# run in JupyterLab in headless Chromium (tests/browser, see README "Browser tests").
+test: install chromium
 	$(PY) -m pytest tests --ignore=tests/browser
 	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks
+	$(PY) -m pytest tests/browser -m browser
+
+# Only the browser suite; screenshots land in .pytest_cache/browser/ (listed at the end of the run).
+test-browser: install chromium
+	$(PY) -m pytest tests/browser -m browser
 
 test-fast: install
 	$(PY) -m pytest tests --ignore=tests/browser -x -q
