@@ -21,18 +21,49 @@ def artifact_stem(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", rel.removesuffix(".ipynb"))
 
 
-@contextlib.contextmanager
-def opened(rel: str, server, browser, artifacts, *, run_timeout: float, action_timeout: float, shots: list):
-    """A fresh page with notebook `rel` (relative to the server root) opened and run with Run All.
+def start(rel: str, server, browser, *, action_timeout: float) -> LabNotebook:
+    """A fresh page with notebook `rel` (relative to the server root) opened and Run All started, not waited for.
 
-    A screenshot is taken after the run and again at the end if the panels were used; the browser
-    console is saved next to them; the kernel is shut down and the page closed on the way out.
+    A failure to open is kept in `run.problem` (reported by the tests, with a screenshot), not raised.
     """
-    stem = artifact_stem(rel)
     run = NotebookRun(rel)
     context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(action_timeout * 1000)
     nb = LabNotebook(context.new_page(), server, rel, run)
+    try:
+        nb.open(f"nbf-{artifact_stem(rel)}-{uuid.uuid4().hex[:6]}", timeout_s=120)
+        nb.start_run()
+    except Exception as e:
+        run.problem = f"{type(e).__name__}: {clean(str(e), 600)}"
+    return nb
+
+
+def close(nb: LabNotebook, artifacts=None) -> None:
+    """Save the browser console (when artifacts is given), shut this page's kernel down, close the page."""
+    run = nb.run
+    try:
+        if artifacts is not None:
+            print(f"\n{run.path}: seconds {run.timings}")
+            (artifacts / f"{artifact_stem(run.path)}-console.log").write_text(
+                "\n".join(run.console + ["--- uncaught page errors ---"] + run.page_errors) + "\n")
+    finally:
+        nb.server.shutdown_kernel(nb.current_kernel_id())  # each tutorial's kernel holds a model; free it now
+        nb.page.context.close()
+
+
+@contextlib.contextmanager
+def opened(rel: str, server, browser, artifacts, *, run_timeout: float, action_timeout: float, shots: list,
+           started: LabNotebook | None = None, then=None):
+    """Notebook `rel` opened and run with Run All (`started`: one that `start` opened before), yielded once done.
+
+    `then()` is called as soon as the run has finished (the suite starts the next notebook there, so its
+    kernel computes while this one is checked). A screenshot is taken after the run and again at the end if
+    the panels were used; the browser console is saved next to them; the kernel is shut down and the page
+    closed on the way out.
+    """
+    stem = artifact_stem(rel)
+    nb = started or start(rel, server, browser, action_timeout=action_timeout)
+    run = nb.run
 
     def shot(name: str) -> None:
         try:
@@ -45,21 +76,19 @@ def opened(rel: str, server, browser, artifacts, *, run_timeout: float, action_t
         print(f"\nscreenshot of {rel}: {path}")
 
     try:
-        try:
-            nb.open(f"nbf-{stem}-{uuid.uuid4().hex[:6]}", timeout_s=120)
-            nb.run_all(run_timeout)
-        except Exception as e:  # reported by the tests (with the screenshot), not as a fixture error
-            run.problem = run.problem or f"{type(e).__name__}: {clean(str(e), 600)}"
+        if run.problem is None:
+            try:
+                nb.wait_run(run_timeout)
+            except Exception as e:  # reported by the tests (with the screenshot), not as a fixture error
+                run.problem = run.problem or f"{type(e).__name__}: {clean(str(e), 600)}"
+        if then is not None:
+            then()
         shot("")
         yield nb
         if nb.interacted:
             shot("-after-interaction")
     finally:
-        print(f"\n{rel}: seconds {run.timings}")
-        (artifacts / f"{stem}-console.log").write_text("\n".join(run.console + ["--- uncaught page errors ---"]
-                                                                 + run.page_errors) + "\n")
-        server.shutdown_kernels()  # each tutorial's kernel holds a model; free it before the next notebook
-        context.close()
+        close(nb, artifacts)
 
 
 def run_problems(nb: LabNotebook) -> list[str]:
@@ -115,8 +144,9 @@ def render_problems(nb: LabNotebook) -> tuple[list[str], int, int]:
     return problems, n_plots, n_views
 
 
-def interaction_report(results: list[dict]) -> tuple[list[str], str]:
-    """(problems, one line per control) from LabNotebook.interact's results."""
+def interaction_report(results: list[dict], own_cell: bool = False) -> tuple[list[str], str]:
+    """(problems, one line per control) from LabNotebook.interact's results; own_cell: a control must change
+    something in its own cell (its panel), not only elsewhere on the page."""
     lines, problems = [], []
     for r in results:
         what = f"{r['kind']} {r['label']!r}"
@@ -129,5 +159,7 @@ def interaction_report(results: list[dict]) -> tuple[list[str], str]:
         lines += [f"    error {k}" + (f" (x{n})" if n > 1 else "") for k, n in raised.items()]
         if not r["changed"]:
             problems.append(f"{what} changed nothing in the page")
+        elif own_cell and not any(part.startswith(f"cell {r['cell']} ") for part in r["changed"]):
+            problems.append(f"{what} (cell {r['cell']}) changed only other cells: {', '.join(r['changed'])}")
         problems += [f"{what} raised {k}" for k in raised]
     return problems, "\n".join(lines)

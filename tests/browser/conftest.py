@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .labpage import REPO, SCREENSHOTS, notebooks
+from .labpage import OPENED, REPO, SCREENSHOTS
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage"]
@@ -88,7 +88,6 @@ def lab_server(browser_artifacts):
         unavailable("JupyterLab is not installed in this environment (pip install -e '.[lab]')")
     from .labserver import LabServer
 
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in notebooks()}
     work = Path(tempfile.mkdtemp(prefix="nbf-lab-"))
     server = LabServer(REPO, work, browser_artifacts / "jupyterlab.log")
     # A SIGTERM (a CI job's timeout) becomes SystemExit, so this finally block and the atexit guard still run.
@@ -102,8 +101,9 @@ def lab_server(browser_artifacts):
         shutil.rmtree(work, ignore_errors=True)
         if main:
             signal.signal(signal.SIGTERM, old)
-    changed = [str(p.relative_to(REPO)) for p, h in before.items()
-               if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != h]
+    # the notebooks opened here, against their files when they were opened (autosave is off: Run All must not save)
+    changed = [rel for rel, h in OPENED.items()
+               if not (REPO / rel).exists() or hashlib.sha256((REPO / rel).read_bytes()).hexdigest() != h]
     assert not changed, f"the browser run wrote into the repository's notebooks: {changed}"
 
 

@@ -104,6 +104,10 @@ class LabServer:
                    JUPYTER_RUNTIME_DIR=str(dirs["runtime"]), JUPYTERLAB_SETTINGS_DIR=str(dirs["settings"]),
                    JUPYTERLAB_WORKSPACES_DIR=str(dirs["workspaces"]), IPYTHONDIR=str(dirs["ipython"]),
                    PYTHONUNBUFFERED="1")
+        # One torch thread per kernel: the suite runs the next notebook while it checks this one, and two
+        # kernels of two threads each would fight over two cores.
+        threads = os.environ.get("NBF_BROWSER_KERNEL_THREADS", "1")
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         env.pop("BROWSER", None)
         return env
 
@@ -161,6 +165,16 @@ class LabServer:
         """Note the server's current descendants (kernels), so stop() can end them even after a SIGKILL."""
         if self.proc is not None:
             self._seen.update(descendants(self.proc.pid))
+
+    def shutdown_kernel(self, kernel_id: str | None) -> None:
+        """Shut one kernel down (a notebook's, once it has been checked), leaving the others running."""
+        self.remember_children()
+        if not kernel_id:
+            return
+        try:
+            self.api("DELETE", f"api/kernels/{kernel_id}")
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
 
     def shutdown_kernels(self) -> None:
         """Ask the server to shut every kernel down (each tutorial's kernel holds a model in memory)."""

@@ -26,7 +26,7 @@ JS_SETUP = """async () => {
     }
   });
   const k = w.sessionContext.session && w.sessionContext.session.kernel;
-  return {path: w.context.path, kernel: k ? k.name : null, cells: w.content.widgets.length};
+  return {path: w.context.path, kernel: k ? k.name : null, kernelId: k ? k.id : null, cells: w.content.widgets.length};
 }"""
 
 JS_RUN_ALL = """() => {
@@ -47,6 +47,12 @@ JS_STATE = """() => {
 
 JS_ERRORS = "() => window.__nbf.errors.slice()"
 
+JS_KERNEL_ID = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+  return k ? k.id : null;
+}"""
+
 # Every code cell: its outputs as the model holds them, and what the page shows for each.
 JS_INSPECT = """() => {
   const w = window.jupyterapp.shell.currentWidget;
@@ -66,8 +72,10 @@ JS_INSPECT = """() => {
   const plotInfo = (p) => {
     const svg = p.querySelector('svg.main-svg');
     return {size: box(p), svg: !!svg, visible: visibleWidth(p),
-            traces: p.querySelectorAll('.trace, .hm, .contour, .pielayer .slice, .imagelayer image, .heatmaplayer image').length,
-            marks: p.querySelectorAll('.trace path, .trace rect, .trace image, .hm image, .pielayer path').length,
+            traces: p.querySelectorAll('.trace, .hm, .contour, .pielayer .slice, .imagelayer image, .heatmaplayer image, .table-control-view').length,
+            // a table's marks are its non-empty cells
+            marks: p.querySelectorAll('.trace path, .trace rect, .trace image, .hm image, .pielayer path').length
+                   + Array.from(p.querySelectorAll('.table-control-view .cell-text')).filter(t => t.textContent.trim()).length,
             title: (p.querySelector('.gtitle') || {textContent: ''}).textContent};
   };
   return w.content.widgets.map((cell, index) => {

@@ -15,24 +15,74 @@ import os
 
 import pytest
 
-from .checks import interaction_report, opened, render_problems, run_problems
-from .labpage import HERE, REPO, SCREENSHOTS, notebooks
+from .checks import close, interaction_report, opened, render_problems, run_problems, start
+from .labpage import HERE, REPO, SCREENSHOTS, missing_modules, notebooks
 
 pytestmark = pytest.mark.browser
 
-RUN_TIMEOUT = float(os.environ.get("NBF_BROWSER_RUN_TIMEOUT", "300"))
+RUN_TIMEOUT = float(os.environ.get("NBF_BROWSER_RUN_TIMEOUT", "600"))  # nbmake's limit in make test
 ACTION_TIMEOUT = float(os.environ.get("NBF_BROWSER_ACTION_TIMEOUT", "30"))
 TIMEOUTS = {"run_timeout": RUN_TIMEOUT, "action_timeout": ACTION_TIMEOUT, "shots": SCREENSHOTS}
+# Start the next notebook's Run All as soon as one has run, so its kernel computes while this one is checked.
+PIPELINE = os.environ.get("NBF_BROWSER_PIPELINE", "1") != "0"
 
 
 def _id(p) -> str:
     return str(p.relative_to(REPO))
 
 
-@pytest.fixture(scope="module", params=notebooks(), ids=_id)
-def lab_notebook(request, chromium, lab_server, browser_artifacts):  # the browser first: no server when it is missing
+def _params() -> list:
+    """Every notebook; a fixture whose panel module has not landed yet is skipped, saying which."""
+    out = []
+    for p in notebooks():
+        missing = missing_modules(p)
+        marks = [pytest.mark.skip(reason=f"{_id(p)} needs {', '.join(missing)}, not in this checkout yet")] if missing else []
+        out.append(pytest.param(p, id=_id(p), marks=marks))
+    return out
+
+
+class Pipeline:
+    """The notebooks in the order the tests use them; `after(rel)` starts the one after rel (two kernels at most)."""
+
+    def __init__(self, order: list[str], server, browser):
+        self.order, self.server, self.browser = order, server, browser
+        self.started: dict = {}
+
+    def take(self, rel: str):
+        return self.started.pop(rel, None)
+
+    def after(self, rel: str) -> None:
+        i = self.order.index(rel) if rel in self.order else len(self.order)
+        if PIPELINE and i + 1 < len(self.order) and self.order[i + 1] not in self.started:
+            nxt = self.order[i + 1]
+            self.started[nxt] = start(nxt, self.server, self.browser, action_timeout=ACTION_TIMEOUT)
+
+    def close(self) -> None:
+        for nb in self.started.values():  # left over when a run stops early (-x, Ctrl-C)
+            close(nb)
+        self.started.clear()
+
+
+@pytest.fixture(scope="session")
+def pipeline(request, chromium, lab_server):
+    order = []
+    for item in request.session.items:  # the final order, after -k and pytest's grouping by notebook
+        spec = getattr(item, "callspec", None)
+        if spec is None or "lab_notebook" not in spec.params or item.get_closest_marker("skip") is not None:
+            continue
+        if _id(spec.params["lab_notebook"]) not in order:
+            order.append(_id(spec.params["lab_notebook"]))
+    p = Pipeline(order, lab_server, chromium)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module", params=_params())
+def lab_notebook(request, chromium, lab_server, browser_artifacts, pipeline):  # the browser first: no server when it is missing
     """One notebook opened in a fresh page and run with Run All (once for the three tests below)."""
-    with opened(_id(request.param), lab_server, chromium, browser_artifacts, **TIMEOUTS) as nb:
+    rel = _id(request.param)
+    with opened(rel, lab_server, chromium, browser_artifacts, **TIMEOUTS, started=pipeline.take(rel),
+                then=lambda: pipeline.after(rel)) as nb:
         yield nb
 
 
@@ -56,7 +106,9 @@ def test_panels_respond(lab_notebook):
         pytest.fail(f"{lab_notebook.path}: Run All did not finish: {lab_notebook.run.problem}", pytrace=False)
     if not lab_notebook.controls():
         pytest.skip(f"{lab_notebook.path}: no interactive panel (no slider, compute button, text or number box)")
-    problems, report = interaction_report(lab_notebook.interact(ACTION_TIMEOUT))
+    # a fixture's panels are self-contained: each control must change its own panel, not just something on the page
+    own_cell = lab_notebook.path.startswith("tests/browser/fixtures/")
+    problems, report = interaction_report(lab_notebook.interact(ACTION_TIMEOUT), own_cell=own_cell)
     print(f"\n{lab_notebook.path}:\n{report}")
     assert not problems, f"{lab_notebook.path}:\n" + "\n".join(problems) + f"\n\nwhat was done:\n{report}"
 
