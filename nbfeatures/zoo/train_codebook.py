@@ -68,9 +68,10 @@ class CodebookRecipe:
 
 CODEBOOK_RECIPES = {
     "tokfsm-codebook": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=1, steps=200, batch_size=32),
-    "tokfsm-codebook-attn": CodebookRecipe("tokfsm", attn=True, mlp=False, n_codes=1000, k=1, steps=200, batch_size=32),
-    "tokfsm-codebook-k4": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=4, steps=200, batch_size=32),
-    "stories-codebook": CodebookRecipe("stories", attn=True, mlp=False, n_codes=1000, k=8, steps=250, batch_size=16),
+    # Table 1 variants, shorter (the shared 2-core machine's budget): compare them with each other and the cards' steps
+    "tokfsm-codebook-attn": CodebookRecipe("tokfsm", attn=True, mlp=False, n_codes=1000, k=1, steps=100, batch_size=32),
+    "tokfsm-codebook-k4": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=4, steps=100, batch_size=32),
+    "stories-codebook": CodebookRecipe("stories", attn=True, mlp=False, n_codes=1000, k=8, steps=120, batch_size=16),
 }
 
 
@@ -106,16 +107,15 @@ def logits_fn(cb: CodebookModel):
     return run
 
 
-def evaluate(name: str, cb: CodebookModel, quick: bool = False) -> dict:
+def evaluate(recipe: CodebookRecipe, cb: CodebookModel, quick: bool = False) -> dict:
     """The base recipe's bars with the codebooks in, and (as `no_codebooks_*`) the finetuned model with them switched off."""
     cb.codebooks.eval()
-    recipe = CODEBOOK_RECIPES[name]
     metrics = {}
     for prefix, enabled in (("", True), ("no_codebooks_", False)):
         cb.enabled = enabled
         run = logits_fn(cb)
         if recipe.base == "tokfsm":
-            m = evaluate_tokfsm(run, n=64 if quick else 512)
+            m = evaluate_tokfsm(run, n=16 if quick else 256)
         else:
             from ..data.stories import StoryCorpus
 
@@ -127,13 +127,20 @@ def evaluate(name: str, cb: CodebookModel, quick: bool = False) -> dict:
     return metrics
 
 
-def train(name: str, steps: int | None = None, progress: bool = True) -> tuple[CodebookModel, list[dict], float]:
-    """Build and finetune the recipe `name`; returns (model, history rows, wall seconds of the finetuning)."""
+def recipe_for(name: str, steps: int | None = None, n_codes: int | None = None) -> CodebookRecipe:
+    """The recipe `name`, with the step count and codebook size overridden where given."""
     if name not in CODEBOOK_RECIPES:
         raise ValueError(f"unknown codebook recipe {name!r}; available: {sorted(CODEBOOK_RECIPES)}")
     recipe = CODEBOOK_RECIPES[name]
     if steps is not None:
         recipe = dataclasses.replace(recipe, steps=steps, warmup_steps=min(recipe.warmup_steps, steps))
+    if n_codes is not None:
+        recipe = dataclasses.replace(recipe, n_codes=n_codes)
+    return recipe
+
+
+def train(recipe: CodebookRecipe, progress: bool = True) -> tuple[CodebookModel, list[dict], float]:
+    """Build and finetune `recipe`; returns (model, history rows, wall seconds of the k-means and finetuning)."""
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
     cb = build(recipe, progress)
@@ -146,21 +153,20 @@ def train(name: str, steps: int | None = None, progress: bool = True) -> tuple[C
     return cb, history.to_dict("records"), time.perf_counter() - start
 
 
-def save(name: str, out: Path, cb: CodebookModel, history: list[dict], wall_s: float, threads: int, steps: int,
+def save(name: str, recipe: CodebookRecipe, out: Path, cb: CodebookModel, history: list[dict], wall_s: float, threads: int,
          quick_eval: bool = False) -> dict:
     """Write the folder under a temporary name, measure the metrics on what was written, then move it into place."""
-    recipe = CODEBOOK_RECIPES[name]
     out = Path(out)
     tmp = out.with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     cb.save(tmp, base_model=recipe.base)
-    metrics = evaluate(name, load_codebook_model(tmp), quick=quick_eval)  # what ships is what is measured
+    metrics = evaluate(recipe, load_codebook_model(tmp), quick=quick_eval)  # what ships is what is measured
     last = history[-1]
     card = {
         "name": name,
         "base_model": recipe.base,
         "base_model_metrics": base_card(recipe.base)["metrics"],
-        "recipe": {**dataclasses.asdict(recipe), "steps": steps},
+        "recipe": dataclasses.asdict(recipe),
         "sites": cb.sites,
         "n_codebook_params": sum(p.numel() for p in cb.codebooks.parameters()),
         "tokens_seen": int(last["tokens"]),
@@ -171,7 +177,7 @@ def save(name: str, out: Path, cb: CodebookModel, history: list[dict], wall_s: f
                      "torch_threads": threads},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "metrics": metrics,
-        "command": f"python -m nbfeatures.zoo.train_codebook {name} --steps {steps} --threads {threads}",
+        "command": f"python -m nbfeatures.zoo.train_codebook {name} --steps {recipe.steps} --n-codes {recipe.n_codes} --threads {threads}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loss_curve": [(int(r["step"]), round(float(r["ce"]), 4)) for r in history[::3]],
     }
@@ -185,16 +191,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=sorted(CODEBOOK_RECIPES))
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    parser.add_argument("--n-codes", type=int, default=None, help="override the recipe's codes per codebook")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the shipped zoo folder)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--quick-eval", action="store_true", help="small evaluation samples (for smoke tests)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cb, history, wall_s = train(args.name, args.steps, progress=not args.no_progress)
-    steps = args.steps or CODEBOOK_RECIPES[args.name].steps
+    recipe = recipe_for(args.name, args.steps, args.n_codes)
+    cb, history, wall_s = train(recipe, progress=not args.no_progress)
     out = args.out or ZOO_DIR / args.name
-    card = save(args.name, out, cb, history, wall_s, args.threads, steps, quick_eval=args.quick_eval)
+    card = save(args.name, recipe, out, cb, history, wall_s, args.threads, quick_eval=args.quick_eval)
     print(json.dumps({"out": str(out), "wall_time_s": card["wall_time_s"], "metrics": card["metrics"]}, indent=1))  # CLI output
 
 
