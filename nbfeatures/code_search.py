@@ -140,21 +140,40 @@ def best_code_per_label(codes: Tensor, labels: Tensor, n_codes: int, n_labels: i
     return df if codes.dim() == 4 else df.drop(columns="group")
 
 
+class NeuronBaseline:
+    """The best-neuron baseline for many targets over the same activations [N, D]: columns are sorted once,
+    so each target costs a quantile over its positives and a binary search per neuron, not a pass over N x D."""
+
+    def __init__(self, acts_ND: Tensor):
+        self.acts = acts_ND.float().reshape(len(acts_ND), -1)
+        self.sorted_DN = self.acts.t().sort(dim=1).values.contiguous()
+
+    def __call__(self, target_N: Tensor, recall: float) -> pd.DataFrame:
+        """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first."""
+        t = target_N.bool().reshape(-1)
+        if len(t) != len(self.acts):
+            raise ValueError(f"target has {len(t)} entries for {len(self.acts)} rows of activations")
+        if not 0 < recall <= 1:
+            raise ValueError(f"recall must lie in (0, 1], got {recall}")
+        if not t.any():
+            raise ValueError("no target positions: the concept never occurs in these tokens")
+        N, rows = len(t), []
+        for sign in (1.0, -1.0):
+            pos_PD = sign * self.acts[t]
+            thresh = torch.quantile(pos_PD, 1 - recall, dim=0)  # fires on `recall` of the positives
+            if sign > 0:  # count of a >= thresh
+                fires = N - torch.searchsorted(self.sorted_DN, thresh[:, None], right=False)[:, 0]
+            else:  # count of -a >= thresh, i.e. a <= -thresh
+                fires = torch.searchsorted(self.sorted_DN, -thresh[:, None], right=True)[:, 0]
+            precision = (pos_PD >= thresh).sum(0) / fires.clamp_min(1)
+            rows.append(pd.DataFrame({"neuron": range(self.acts.shape[1]), "sign": int(sign), "threshold": thresh.numpy(),
+                                      "precision": precision.numpy()}))
+        return pd.concat(rows).sort_values("precision", ascending=False).reset_index(drop=True)
+
+
 def neuron_precision_at_recall(acts_ND: Tensor, target_N: Tensor, recall: float) -> pd.DataFrame:
     """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first."""
-    t = target_N.bool().reshape(-1)
-    if not 0 < recall <= 1:
-        raise ValueError(f"recall must lie in (0, 1], got {recall}")
-    if not t.any():
-        raise ValueError("no target positions: the concept never occurs in these tokens")
-    rows = []
-    for sign in (1.0, -1.0):
-        a = sign * acts_ND.float().reshape(len(t), -1)
-        thresh = torch.quantile(a[t], 1 - recall, dim=0)  # fires on `recall` of the positives
-        fires = a >= thresh
-        precision = (fires & t[:, None]).sum(0) / fires.sum(0).clamp_min(1)
-        rows.append(pd.DataFrame({"neuron": range(a.shape[1]), "sign": int(sign), "threshold": thresh.numpy(), "precision": precision.numpy()}))
-    return pd.concat(rows).sort_values("precision", ascending=False).reset_index(drop=True)
+    return NeuronBaseline(acts_ND)(target_N, recall)
 
 
 def decode_tokens(tokens: Tensor, decode: Callable[[int], str]) -> list[list[str]]:

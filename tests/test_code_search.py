@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nbfeatures.codebook import CodebookConfig, CodebookLayer
-from nbfeatures.code_search import best_code_per_label, codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
+from nbfeatures.code_search import NeuronBaseline, best_code_per_label, codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
 
 
 def test_regex_targets_mark_the_capture_groups_token():
@@ -88,3 +88,19 @@ def test_best_code_per_label_agrees_with_rank_codes_on_each_label():
         assert df.iloc[k].recall == pytest.approx(ranked.recall[f1.idxmax()])
     with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \[6, 40\]"):
         best_code_per_label(codes, labels[:, :5], C)
+
+
+def test_neuron_baseline_equals_thresholding_every_neuron_by_hand():
+    g = torch.Generator().manual_seed(3)
+    acts = torch.randn(500, 6, generator=g).round(decimals=1)  # ties at the thresholds
+    target = torch.rand(500, generator=g) < 0.1
+    acts[:, 4] += 2 * target.float()
+    base = NeuronBaseline(acts)
+    for recall in (0.3, 0.75, 1.0):
+        df = base(target, recall)
+        for _, row in df.iterrows():
+            fires = row.sign * acts[:, int(row.neuron)] >= row.threshold
+            assert row.precision == pytest.approx(((fires & target).sum() / fires.sum().clamp_min(1)).item())
+        assert df.iloc[0].neuron == 4 and df.iloc[0].sign == 1
+    with pytest.raises(ValueError, match="target has 3 entries for 500 rows"):
+        base(target[:3], 0.5)
