@@ -6,11 +6,17 @@ how the tokens were batched:
 
     ce_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)        kl = KL(P_clean || P_sae)
     fvu = sum (x - x_hat)^2 / sum (x - mean x)^2                     l0 = mean active latents per token
+    ce_increase = CE_sae - CE_clean                                  alive = latents that fired at least once
+
+`compare_density` sets several dictionaries side by side on the same activations: dense and dead
+fractions, and for binary autoencoders also the density of deviations from each bit's usual value.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
 
 import torch
 import torch.nn.functional as F
@@ -96,8 +102,44 @@ def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, 
         "l0": sums["l0"] / n,
         "l2_ratio": sums["norm_ratio"] / n,
         "dead_fraction": metrics.dead_fraction(density),
+        "alive": int((density > 0).sum()),
+        "alive_fraction": 1 - metrics.dead_fraction(density),
         "dense_fraction": metrics.dense_fraction(density),
         "n_tokens": int(n),
         **{f"ds_mse/{d}": ds_sq[d] / ds_n for d in downstream},
         "density": density.cpu(),
     }
+
+
+@torch.no_grad()
+def compare_density(dictionaries: Mapping[str, nn.Module], acts_ND: Tensor, *, threshold: float = 0.1,
+                    batch_size: int = 8192) -> pd.DataFrame:
+    """One row per dictionary over the same activations: l0, fvu, dense / dead / alive fractions.
+
+    `dense_fraction` counts latents firing on more than `threshold` of tokens. `deviation_dense_fraction`
+    counts them by deviation from each latent's usual state (on -> off counts as firing for a bit that
+    is usually on: density min(p, 1 - p)), the BAE paper's reading of binary codes.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    if not dictionaries:
+        raise ValueError("compare_density needs at least one dictionary, e.g. {'topk': sae}")
+    rows = []
+    for name, d in dictionaries.items():
+        fired = sq_err = n = 0
+        sum_x, sq = 0.0, 0.0
+        for i in range(0, len(acts_ND), batch_size):
+            x = acts_ND[i:i + batch_size].float()
+            out = d(x)
+            fired = fired + (out.latents != 0).sum(0).double()
+            sq_err += (out.x_hat - x).pow(2).sum().item()
+            sum_x = sum_x + x.sum(0).double()
+            sq += x.double().pow(2).sum().item()
+            n += len(x)
+        p = fired / n
+        variance = sq - (sum_x.pow(2).sum() / n).item()
+        rows.append({"dictionary": name, "d_sae": len(p), "l0": p.sum().item(), "fvu": sq_err / max(variance, 1e-12),
+                     "dense_fraction": (p > threshold).double().mean().item(),
+                     "deviation_dense_fraction": (torch.minimum(p, 1 - p) > threshold).double().mean().item(),
+                     "dead_fraction": (p == 0).double().mean().item()})
+    return pd.DataFrame(rows).set_index("dictionary")

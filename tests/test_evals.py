@@ -9,7 +9,7 @@ from torch import nn
 from conftest import VOCAB
 from nbfeatures import metrics, sites
 from nbfeatures.edits import Ablate
-from nbfeatures.evals import evaluate_sae
+from nbfeatures.evals import compare_density, evaluate_sae
 from nbfeatures.sae.topk import TopKConfig, TopKSAE
 
 SITE = "blocks.0.hook_resid_post"
@@ -68,3 +68,34 @@ def test_matches_direct_computation_and_ignores_batching(model, tokens):
     assert a["fvu"] == pytest.approx(metrics.fvu(out.x_hat, x), rel=1e-4)
     assert a["l0"] == pytest.approx(metrics.l0(out.latents), rel=1e-6)
     assert a["density"].shape == (64,) and a["ce_sae"] > a["ce_clean"]
+
+
+def test_alive_and_ce_increase(model, tokens):
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(32, 256, 2))
+    r = evaluate_sae(model, sae, SITE, tokens)
+    with torch.no_grad():
+        x = sites.read_acts(model, tokens, SITE)[SITE][:, 1:].reshape(-1, 32)
+        fired = (sae(x).latents != 0).any(0)
+    assert r["alive"] == int(fired.sum()) and 0 < r["alive"] < 256  # 108 tokens x k=2 cannot reach all 256
+    assert r["alive_fraction"] == pytest.approx(r["alive"] / 256)
+    assert r["ce_increase"] == pytest.approx(r["ce_sae"] - r["ce_clean"]) and r["ce_increase"] != 0
+
+
+def test_compare_density_counts_dense_latents_both_ways():
+    class Fixed(nn.Module):  # latents are the input itself: the density of each column is known
+        def forward(self, x):
+            return Out(x, x)
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.02, 0.3, 0.5, 0.95])  # rare, dense, dense, usually on
+    bits = (torch.rand(20_000, 4, generator=g) < p).float()
+    table = compare_density({"bits": Fixed()}, bits, threshold=0.1, batch_size=3000)
+    row = table.loc["bits"]
+    assert row["dense_fraction"] == 0.75  # 0.3, 0.5, 0.95 fire on more than 10% of tokens
+    assert row["deviation_dense_fraction"] == 0.5  # the usually-on bit deviates only 5% of the time
+    assert row["l0"] == pytest.approx(p.sum().item(), abs=0.02) and row["fvu"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="threshold must lie in"):
+        compare_density({"bits": Fixed()}, bits, threshold=1.5)
+    with pytest.raises(ValueError, match="at least one dictionary"):
+        compare_density({}, bits)

@@ -13,6 +13,15 @@ from nbfeatures.sae.io import load_sae, save_sae
 from nbfeatures.train import TrainConfig, train_sae
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two threads on a loaded two-core machine made the training tests many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("estimator", ["ste", "sigmoid_ste", "reference"])
 def test_step_forward_and_estimator_gradients_by_hand(estimator):
     z = torch.tensor([-2.0, -0.1, 0.0, 0.5, 3.0], requires_grad=True)
@@ -127,3 +136,45 @@ def test_bad_input():
         BinaryObjective(bae, entropy_coef=-1e-3)
     with pytest.raises(ValueError, match="expected d_in=8"):
         bae(torch.randn(3, 9))
+
+
+def test_estimator_gradients_through_the_encoder_by_hand():
+    """One bit, one input: x = 2, w = 0.5, b = -0.25, so z = 0.75, h = 1; loss = (h * u - 3)^2 with u = 1."""
+    z = torch.tensor(0.75)
+    dh = 2 * (1 * 1.0 - 3.0) * 1.0  # d loss / d h = 2 (x_hat - target) u = -4
+    sig = 1 / (1 + math.exp(-0.75))
+    by_hand = {"ste": dh, "sigmoid_ste": dh * sig * (1 - sig), "reference": dh * (1 - dh)}  # -4, -0.8716, -20
+    for estimator, dz in by_hand.items():
+        bae = BinaryAE(BinaryConfig(1, 1, estimator=estimator))
+        with torch.no_grad():
+            bae.W_enc.fill_(0.5), bae.b_enc.fill_(-0.25), bae.W_dec.fill_(1.0), bae.b_dec.fill_(0.0)
+        out = bae(torch.tensor([[2.0]]))
+        assert out.pre_acts.item() == pytest.approx(z.item()) and out.latents.item() == 1.0
+        torch.autograd.backward((out.x_hat - 3.0).pow(2).sum())
+        assert bae.b_enc.grad.item() == pytest.approx(dz, rel=1e-5), estimator
+        assert bae.W_enc.grad.item() == pytest.approx(2.0 * dz, rel=1e-5), estimator  # dz/dw = x = 2
+        assert bae.W_dec.grad.item() == pytest.approx(dh, rel=1e-5)  # the decoder's gradient needs no estimator
+    assert by_hand["sigmoid_ste"] == pytest.approx(-0.87158, abs=1e-4) and by_hand["reference"] == -20.0
+
+
+def test_minibatch_entropy_of_known_firing_rates():
+    # 8 tokens; bit 0 fires on 2 (p = 1/4), bit 1 on 4 (p = 1/2), bit 2 on 8 (p = 1)
+    bits = torch.zeros(8, 3)
+    bits[:2, 0], bits[:4, 1], bits[:, 2] = 1, 1, 1
+    h_quarter = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))  # 0.8113 bits
+    assert minibatch_entropy(bits).item() == pytest.approx(h_quarter + 1.0, abs=1e-6)
+    # independent bits: covariance zero; identical bits: |cov| = p (1 - p) n / (n - 1) each way
+    same = torch.stack([bits[:, 1], bits[:, 1]], 1)
+    assert offdiag_covariance(same).item() == pytest.approx(2 * 0.25 * 8 / 7, abs=1e-6)
+
+
+def test_more_bad_input():
+    bae = BinaryAE(BinaryConfig(8, 32))
+    with pytest.raises(ValueError, match="cov_coef must be >= 0"):
+        BinaryObjective(bae, cov_coef=-1.0)
+    with pytest.raises(ValueError, match="entropy_start must be >= 0"):
+        BinaryObjective(bae, entropy_start=-5)
+    with pytest.raises(ValueError, match="need d_in > 0 and d_sae > 0"):
+        BinaryConfig(8, 0)
+    with pytest.raises(ValueError, match="expected d_in=8"):
+        feature_set_entropy(bae, torch.randn(10, 4))

@@ -10,14 +10,21 @@ KL(P_clean || P_spliced) = sum_v P_clean (log P_clean - log P_spliced), averaged
 reference code computes this direction although its docstring says the reverse. Sparsity is
 l1_coef * mean_tokens ||c||_1 / d_in for ReLU SAEs (the paper's lambda / dim) and none for TopK.
 The downstream sites a_k are the residual stream entering every later block (hook_resid_pre).
+Passes per step: `local` runs one clean pass stopped right after the site; the others need the
+clean logits, so they run one full clean pass (no gradients) and one spliced pass.
+
+Warm start (`warm_start_`) copies a trained local SAE into an e2e run, as the authors suggest for
+e2e+ds; `finetune_kl_mse` is the cheaper recipe (Karvonen 2025): briefly finetune a local SAE on
+alpha * KL + MSE. Geometry: `nearest_neighbour_cosine` of the decoder directions within one SAE.
 
 Dimension key: B sequences, T positions, V vocab, D width at the site, F latents.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,8 @@ from torch import Tensor, nn
 
 from .. import sites
 from ..edits import Splice
+from ..harvest import TokenSource
+from ..train import Callback, TrainConfig, train_sae
 from .relu import ReLUSAE
 
 Kind = Literal["local", "e2e", "e2e+ds", "kl+mse"]
@@ -73,8 +82,16 @@ class E2EObjective:
         self.l1_coef, self.beta, self.mask_first = l1_coef, beta, mask_first
         self.kl_coef = kl_coef if kl_coef is not None else (0.5 if kind == "e2e+ds" else 1.0)
         self.downstream = downstream_sites(model, site) if kind == "e2e+ds" else []
+        self._width_checked = False
         for p in sites.unwrap(model).parameters():
             p.requires_grad_(False)
+
+    def _check_width(self, x: Tensor) -> None:
+        d_in = getattr(getattr(self.sae, "cfg", None), "d_in", None)
+        if d_in is not None and x.shape[-1] != d_in:
+            raise ValueError(f"the SAE has d_in={d_in} but site {self.site} has width {x.shape[-1]}; "
+                             f"build it with d_in={x.shape[-1]} or pick a site of width {d_in}")
+        self._width_checked = True
 
     def __call__(self, tokens: Tensor) -> tuple[Tensor, dict[str, float]]:
         mask = torch.ones_like(tokens, dtype=torch.bool)
@@ -87,6 +104,8 @@ class E2EObjective:
                 clean = sites.run(self.model, tokens, read=[self.site, *self.downstream])
                 clean_acts, clean_logits = clean.acts, clean.logits
         x = clean_acts[self.site]
+        if not self._width_checked:
+            self._check_width(x)
         logs: dict[str, float] = {}
         if self.kind == "local":
             out = self.sae(x)
@@ -118,3 +137,46 @@ class E2EObjective:
             logs["fvu"] = (((out.x_hat - x).pow(2) * m).sum() / ((x - (x * m).sum((0, 1)) / m.sum()).pow(2) * m).sum()).item()
         logs["loss"] = loss.item()
         return loss, logs
+
+
+@torch.no_grad()
+def warm_start_(sae: nn.Module, local: nn.Module) -> nn.Module:
+    """Copy a trained (local) SAE's parameters into `sae`, which then starts its e2e run from them."""
+    if type(sae) is not type(local):
+        raise ValueError(f"warm start needs the same kind of dictionary; got {type(local).__name__} into {type(sae).__name__}")
+    mine, theirs = sae.state_dict(), local.state_dict()
+    wrong = [f"{k}: {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items() if k not in theirs or theirs[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"warm start: the local SAE's widths do not match ({'; '.join(wrong)}); "
+                         f"build the e2e SAE with the local one's config ({getattr(local, 'cfg', None)})")
+    cfg_a, cfg_b = getattr(sae, "cfg", None), getattr(local, "cfg", None)
+    if cfg_a != cfg_b:
+        raise ValueError(f"warm start: configs differ ({cfg_b} vs {cfg_a}); allowed only identical configs")
+    sae.load_state_dict(theirs)
+    return sae
+
+
+def finetune_kl_mse(model: sites.Model, local: nn.Module, site: str, tokens: Tensor, cfg: TrainConfig, *,
+                    callbacks: Sequence[Callback] = (), progress: bool = True) -> tuple[nn.Module, Any]:
+    """The cheap recipe: a copy of `local` finetuned on alpha * KL + MSE over token windows [N, T].
+
+    Karvonen (2025) runs it over the last few percent of training at a small learning rate (5e-5
+    at GPT-2 scale); returns (finetuned SAE, history). `local` itself is left untouched.
+    """
+    sae = copy.deepcopy(local)
+    objective = E2EObjective(model, sae, site, "kl+mse")
+    history = train_sae(sae, TokenSource(tokens, cfg.batch_size, cfg.seed), cfg, objective=objective,
+                        callbacks=callbacks, progress=progress)
+    return sae, history
+
+
+@torch.no_grad()
+def nearest_neighbour_cosine(W_dec_FD: Tensor, chunk: int = 4096) -> Tensor:
+    """[F]: each decoder direction's largest cosine similarity with another direction of the same SAE."""
+    W = torch.nn.functional.normalize(W_dec_FD.float(), dim=-1)
+    out = torch.empty(len(W))
+    for i in range(0, len(W), chunk):
+        cos = W[i:i + chunk] @ W.t()
+        cos[torch.arange(cos.shape[0]), torch.arange(i, i + cos.shape[0])] = -2.0  # not itself
+        out[i:i + chunk] = cos.max(dim=1).values.cpu()
+    return out
