@@ -34,6 +34,7 @@ from ..codebook import CodebookConfig, CodebookLayer
 from ..codebook_model import CodebookModel, CodebookObjective, load_codebook_model
 from ..train import TrainConfig, train_sae
 from . import ZOO_DIR, card as base_card, load_pretrained
+from ..data.tokfsm import TokFSM, first_transition_accuracy
 from .evaluate import VAL_SEED, evaluate_tokfsm, mean_loss, topic_stay_rate
 from .models import RECIPES, StoriesStream, TokFSMStream
 from .models import TrainConfig as StreamConfig
@@ -114,8 +115,11 @@ def evaluate(recipe: CodebookRecipe, cb: CodebookModel, quick: bool = False) -> 
     for prefix, enabled in (("", True), ("no_codebooks_", False)):
         cb.enabled = enabled
         run = logits_fn(cb)
-        if recipe.base == "tokfsm":
-            m = evaluate_tokfsm(run, n=16 if quick else 256)
+        if recipe.base == "tokfsm" and enabled:
+            m = evaluate_tokfsm(run, n=16 if quick else 128)
+        elif recipe.base == "tokfsm":  # sampled transitions are the slow part (no KV cache): skipped here
+            ids = TokFSM().sample(16 if quick else 128, seed=10_000)
+            m = {"first_transition_accuracy": first_transition_accuracy(run), "val_loss": mean_loss(run, ids.tolist())}
         else:
             from ..data.stories import StoryCorpus
 
