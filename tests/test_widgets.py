@@ -398,3 +398,36 @@ def test_steering_fn_on_tiny_models(model):
     top = int(out.probs.argmax())
     assert steered_bars.y[list(steered_bars.x).index(vocab[top])] == pytest.approx(float(out.probs[top]), rel=1e-3)
     assert "last prompt token and every generated token" in panel.where.value
+
+
+def test_steering_panel_forces_a_codebook_code_through_edits_fn(model):
+    """The panel's third kind of steering: a codebook code forced at the last prompt token and every generated one."""
+    from nbfeatures import sites
+    from nbfeatures.codebook import CodebookConfig, CodebookLayer
+    from nbfeatures.codebook_model import ForceCodes
+    from nbfeatures.steering import edits_fn, token_strings
+
+    site, prompt = "blocks.0.hook_resid_post", "w1 w2 w3 w4"
+    torch.manual_seed(0)
+    layer = CodebookLayer(CodebookConfig(d_in=32, n_codes=16, k=2))
+    with torch.no_grad():
+        layer.codebook.mul_(5.0)  # big codes: forcing one moves the output
+    force = edits_fn(model, lambda c, s: [ForceCodes(site, layer, (c,), positions=slice(-1, None), mode="last")],
+                     max_new_tokens=3)
+    out = force(prompt, 7, 1.0)
+    ref = sites.run(model, prompt, [ForceCodes(site, layer, (7,), positions=slice(-1, None), mode="last")]).logits[0, -1]
+    torch.testing.assert_close(out.probs, ref.softmax(-1))
+    assert out.steered == [False, False, False] + [True] * (1 + len(out.tokens))
+    other = force(prompt, 3, 1.0)
+    assert not torch.allclose(other.probs, out.probs, atol=1e-4)  # which code is forced matters
+
+    panel = SteeringPanel(force, token_strings(model), [f"code {i}" for i in range(16)], prompt=prompt, feature=7)
+    panel.generate_button.click()
+    bars = panel.next_token_fig.data[1]
+    top = int(out.probs.argmax())
+    assert bars.y[list(bars.x).index(token_strings(model)[top])] == pytest.approx(float(out.probs[top]), rel=1e-3)
+    panel.feature.value = 3
+    panel.generate_button.click()
+    bars = panel.next_token_fig.data[1]
+    top = int(other.probs.argmax())
+    assert bars.y[list(bars.x).index(token_strings(model)[top])] == pytest.approx(float(other.probs[top]), rel=1e-3)

@@ -64,8 +64,10 @@ class FeatureGallery(ipw.VBox):
 
         left = ipw.VBox([ipw.HBox([self.sort_by, self.descending]), self.search, self.count, self.results, self._overview.view],
                         layout=ipw.Layout(width="38%"))
+        # The two card figures are stacked, not side by side: two autosized plotly figures (700px each by
+        # default) in a row overflow the right column and put the output tokens off-screen at 1280px.
         right = ipw.VBox([ipw.HBox([self.feature, self.prev_button, self.next_button]), self.cards,
-                          ipw.HBox([self._hist.view, self._logits.view])], layout=ipw.Layout(width="62%"))
+                          self._hist.view, self._logits.view], layout=ipw.Layout(width="62%", overflow="hidden"))
         super().__init__([ipw.HBox([left, right])])
         self.refilter()
         self.show(int(self.order[0]) if feature is None and self.order else int(feature if feature is not None else table.index[0]))
