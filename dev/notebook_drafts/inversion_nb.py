@@ -61,8 +61,18 @@ inversion_samples([[show[t] for t in row] for row in out.tokens[:20]], out.dista
                   [c.tolist() for c in out.colour[:20]], out.position[:20].tolist(), EPS,
                   title=f"closest 20 of 48 samples for {task.text(query)!r} at ':' ({SITE})")
 """),
-("md", "Over held-out queries: how many samples land inside ε, and, among those, how many have the query's count and how many its letter."),
+("md", """
+Over held-out queries: how many samples land inside ε and, among those, how many have the query's count (counted in the
+sample's letters), how many the query's letter, and how many make the probed model give the query's answer.
+"""),
 ("code", """
+def model_answer(tokens):
+    parts = task.parse(tokens)
+    if parts is None:
+        return None
+    logits = nbf.run(model, torch.tensor([tokens])).logits[0, parts["colon"]]
+    return int(logits.argmax()) - task.digit_id(0)
+
 def study(site, n_queries=12, seed=7):
     ids, colon, count = task.sample(n_queries, seed=seed)
     rows = []
@@ -72,16 +82,19 @@ def study(site, n_queries=12, seed=7):
         s = sample(decoder, model, site, query=q, position=p, temperatures=(0.5, 1.0, 2.0), n_per_temperature=16, epsilon=EPS, seed=b)
         parsed = [task.parse(t) for t, k in zip(s.tokens, s.inside.tolist()) if k]
         ok = [x for x in parsed if x is not None]
+        answers = [model_answer(t) for t, k in zip(s.tokens, s.inside.tolist()) if k and task.parse(t)]
+        query_answer = model_answer(ids[b].tolist())
         rows.append({"query": task.text(ids[b]), "count": int(count[b]), "inside ε": s.inside_fraction,
                      "same count": np.mean([x["true_count"] == count[b] for x in ok]) if ok else np.nan,
-                     "same letter": np.mean([x["target"] == letter for x in ok]) if ok else np.nan})
+                     "same letter": np.mean([x["target"] == letter for x in ok]) if ok else np.nan,
+                     "same model answer": np.mean([a == query_answer for a in answers]) if ok else np.nan})
     return pd.DataFrame(rows)
 
 counting = study(SITE)
 counting
 """),
 ("code", """
-summary = counting[["inside ε", "same count", "same letter"]].mean()
+summary = counting[["inside ε", "same count", "same letter", "same model answer"]].mean()
 print(f"inside ε = {EPS}: {summary['inside ε']:.0%} of samples; of those, {summary['same count']:.0%} keep the query's count "
       f"and {summary['same letter']:.0%} its letter (a random letter would match 1 in {task.n_letters})")
 """),
