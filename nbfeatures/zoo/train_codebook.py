@@ -69,10 +69,10 @@ class CodebookRecipe:
 
 CODEBOOK_RECIPES = {
     "tokfsm-codebook": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=1, steps=200, batch_size=32),
-    # Table 1 variants, shorter (the shared 2-core machine's budget): compare them with each other and the cards' steps
-    "tokfsm-codebook-attn": CodebookRecipe("tokfsm", attn=True, mlp=False, n_codes=1000, k=1, steps=100, batch_size=32),
-    "tokfsm-codebook-k4": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=4, steps=100, batch_size=32),
-    "stories-codebook": CodebookRecipe("stories", attn=True, mlp=False, n_codes=1000, k=8, steps=120, batch_size=16),
+    # Table 1 variant and the language model, shorter (the shared 2-core machine's budget); cards record the steps
+    "tokfsm-codebook-attn": CodebookRecipe("tokfsm", attn=True, mlp=False, n_codes=1000, k=1, steps=50, batch_size=32),
+    "tokfsm-codebook-k4": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=4, steps=50, batch_size=32),
+    "stories-codebook": CodebookRecipe("stories", attn=True, mlp=False, n_codes=1000, k=8, steps=60, batch_size=16),
 }
 
 
@@ -124,8 +124,8 @@ def evaluate(recipe: CodebookRecipe, cb: CodebookModel, quick: bool = False) -> 
             from ..data.stories import StoryCorpus
 
             corpus = StoryCorpus(seed=VAL_SEED)
-            m = {"val_loss": mean_loss(run, corpus.encode(corpus.generate(50 if quick else 500))),
-                 "topic_stay_rate": topic_stay_rate(run, corpus, per_topic=2 if quick else 10)}
+            m = {"val_loss": mean_loss(run, corpus.encode(corpus.generate(50 if quick else 200))),
+                 "topic_stay_rate": topic_stay_rate(run, corpus, per_topic=1 if quick else 4)}
         metrics.update({prefix + k: v for k, v in m.items()})
     cb.enabled = True
     return metrics

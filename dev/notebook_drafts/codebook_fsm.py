@@ -1,0 +1,199 @@
+import sys; sys.path.insert(0, __import__("os").path.dirname(__file__)); from mk import build
+build(__import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", "notebooks", "01_codebook_fsm.ipynb"), [
+("md", """
+# Codebook features on a finite-state machine
+> Reproduce, at small scale, the TokFSM results of Tamkin, Taufeeque & Goodman (2023): codebooks keep the model accurate, single codes stand for FSM states, and patching codes moves the model to another state.
+"""),
+("md", """
+**The task.** TokFSM is a random finite-state machine with 100 states, each with 10 out-edges. A state is written as two digit tokens, so a sequence is `BOS 4 7 0 3 9 1 ...`. The shipped `tokfsm` model (4-layer GPT-NeoX) predicts valid next states.
+
+**Codebooks.** A codebook layer replaces an activation `a` by the sum of the `k` codes (out of `C`) most cosine-similar to `LayerNorm(a)`:
+
+    ids = topk_k cos(LN(a), c_j)        out = sum_{j in ids} c_j
+
+with a straight-through gradient. The zoo's codebook models were finetuned from `tokfsm` with codebooks inserted through the site layer (the model's code is never edited): one codebook per attention head on `blocks.{i}.attn.hook_z` and one on each MLP output `blocks.{i}.hook_mlp_out`, `C = 1000`. Since a layer's output *is* one of its codes when `k = 1`, every activation the model passes on is a discrete, nameable code.
+"""),
+("code", """
+import time
+import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_objects as go
+from nbfeatures import sites, zoo
+from nbfeatures.data.tokfsm import TokFSM, transition_accuracy, first_transition_accuracy
+from nbfeatures.codebook_model import ForceCodes, PatchCodes, load_codebook_model
+from nbfeatures.code_search import NeuronBaseline, best_code_per_label, codes_frame, collect_codes
+from nbfeatures.widgets.fsm import FSMPanel
+
+t0 = time.perf_counter()
+torch.manual_seed(0)
+fsm = TokFSM()
+base = sites.load_model("tokfsm")
+VARIANTS = ["tokfsm-codebook-attn", "tokfsm-codebook", "tokfsm-codebook-k4"]
+cbs = {name: load_codebook_model(name) for name in VARIANTS}   # one call: finetuned model + codebooks
+cb = cbs["tokfsm-codebook"]
+L = sites.unwrap(base).config.num_hidden_layers
+MLP = [f"blocks.{i}.hook_mlp_out" for i in range(L)]
+ATTN = [f"blocks.{i}.attn.hook_z" for i in range(L)]
+print(cb.sites)
+"""),
+("md", """
+## 1. Accuracy with and without codebooks
+
+Transition accuracy: continue real prefixes by sampling 8 new states; the fraction of valid transitions (measured on 256 prefixes by the training script and stored in each model card; re-measuring it here would take minutes). First-transition accuracy, measured live: for each state, the overlap of the model's top-10 next states with its true out-edges. We compare the base model with the three codebook variants (the paper's Table 1: attention-only k=1 barely costs accuracy, attention + MLP at k=1 costs more, larger k recovers). Each codebook model is also measured with its codebooks switched off (its finetuned weights alone).
+"""),
+("code", """
+def logits_fn(m):
+    def run(ids):
+        with torch.no_grad():
+            return m.run(ids).logits.float()
+    return run
+
+# Live: first-transition accuracy (100 states x their top-10 next states, one batched pass).
+# From the model cards: transition accuracy of 2048 sampled transitions, measured on the shipped folders.
+rows = [{"model": "tokfsm", "codebooks": "none", "k": None, "finetune steps": 0,
+         "transition acc (card)": zoo.card("tokfsm")["metrics"]["transition_accuracy"],
+         "first-transition acc": first_transition_accuracy(sites.unwrap(base), fsm)}]
+for name, m in cbs.items():
+    card = zoo.card(name)
+    r = card["recipe"]
+    rows.append({"model": name, "codebooks": "attn + MLP" if r["mlp"] else "attn only", "k": r["k"], "finetune steps": r["steps"],
+                 "transition acc (card)": card["metrics"]["transition_accuracy"],
+                 "first-transition acc": first_transition_accuracy(logits_fn(m), fsm),
+                 "first-transition acc, codebooks off (card)": card["metrics"]["no_codebooks_first_transition_accuracy"]})
+acc = pd.DataFrame(rows).set_index("model")
+acc
+"""),
+("code", """
+fig = px.bar(acc.reset_index(), x="model", y=["transition acc (card)", "first-transition acc"], barmode="group",
+             title="TokFSM accuracy with and without codebooks", range_y=[0, 1.05])
+fig.update_layout(height=330, template="plotly_white", legend_title_text="")
+fig
+"""),
+("md", """
+## 2. State codes
+
+Which code fires on each state's second digit? We collect the codes of the attention+MLP `k = 1` model on held-out trajectories, label every token that is the second digit of state `s` with `s`, and for each of the 100 states take the MLP code that detects it best (by F1 of precision and recall, over all MLP layers). The per-token codes are also available as a DataFrame:
+"""),
+("code", """
+ids = fsm.sample(48, seed=123)
+codes = collect_codes(cb, ids)                      # site -> [B, T, (G,) K]
+toks = [[fsm.text([t]) if t != fsm.special_id else "⟨bos⟩" for t in row] for row in ids[:1].tolist()]
+codes_frame({s: codes[s][:1, :9] for s in MLP}, tokens=[r[:9] for r in toks]).pivot(index=["pos", "token"], columns="site", values="code")
+"""),
+("code", """
+T = ids.shape[1]
+pos = torch.arange(T)
+labels = torch.full(ids.shape, -1)                # state s on its second digit (positions 2, 4, ...), -1 elsewhere
+second = (pos >= 2) & (pos % 2 == 0)
+labels[:, second] = fsm.decode(ids)[:, : int(second.sum())]
+mlp_codes = torch.stack([codes[s] for s in MLP], 2)  # layers as groups: [B, T, L, K]
+state_codes = best_code_per_label(mlp_codes, labels, cb.layer(MLP[0]).cfg.n_codes, n_labels=fsm.n_states).rename(columns={"group": "layer"})
+state_codes.head()
+"""),
+("md", "The neuron baseline: every MLP hidden neuron and every MLP output dimension of every layer (either sign), thresholded so that it fires on the same fraction of the state's tokens as its code does; the best precision among them."),
+("code", """
+with torch.no_grad():
+    run = cb.run(ids, read=[f"blocks.{i}.mlp.hook_post" for i in range(L)])
+neurons = torch.cat([run.acts[f"blocks.{i}.mlp.hook_post"] for i in range(L)] + [run.outputs[s].target for s in MLP], -1)
+baseline = NeuronBaseline(neurons.reshape(-1, neurons.shape[-1]))   # [tokens, 4 x 512 hidden + 4 x 128 outputs]
+flat = labels.reshape(-1)
+best_neuron = [baseline(flat == s, float(max(rec, 1e-3))).precision.iloc[0] for s, rec in zip(state_codes.label, state_codes.recall)]
+state_codes["best neuron precision"] = best_neuron
+summary = {"code precision": state_codes.precision.mean(), "code recall": state_codes.recall.mean(),
+           "best neuron precision at matched recall": np.mean(best_neuron)}
+print({k: round(float(v), 3) for k, v in summary.items()})
+"""),
+("code", """
+fig = go.Figure([go.Histogram(x=state_codes.precision, name="state code", opacity=0.7, xbins=dict(size=0.05)),
+                 go.Histogram(x=state_codes["best neuron precision"], name="best neuron, same recall", opacity=0.7, xbins=dict(size=0.05))])
+fig.update_layout(barmode="overlay", title="precision of the 100 state codes vs the best neuron", xaxis_title="precision",
+                  yaxis_title="states", height=320, template="plotly_white")
+fig
+"""),
+("md", """
+## 3. Patching codes moves the model to another state
+
+For random pairs (a, b): run a context ending in state `a`, and at its last position replace the codes of some codebooks by those that a context ending in state `b` chose there. The Jensen-Shannon divergence between the patched next-token distribution and `b`'s own, divided by the unpatched divergence, is 1 with no patch and 0 if the patch fully turns the model into state `b`.
+"""),
+("code", """
+def jsd(p, q):
+    m = (p + q) / 2
+    kl = lambda x, y: (x * (x.clamp_min(1e-12).log() - y.clamp_min(1e-12).log())).sum(-1)
+    return (kl(p, m) + kl(q, m)) / 2
+
+ctx = fsm.sample(128, seed=321)[:, : 1 + 2 * 8]      # BOS + 8 states; the last state is a
+a_ids = ctx
+b_ids = ctx.roll(1, 0)                               # another row's context, ending in another state b
+with torch.no_grad():
+    a_run, b_run = cb.run(a_ids), cb.run(b_ids)
+p_b = b_run.logits[:, -1].softmax(-1)
+a_states, b_states = fsm.decode(a_ids)[:, -1], fsm.decode(b_ids)[:, -1]
+keep = a_states != b_states
+patch_sets = {"none": [], **{f"MLP layer {i}": MLP[i:i + 1] for i in range(L)}, "all attention": ATTN, "all MLP": MLP,
+              "all attention + MLP": ATTN + MLP}
+base_jsd = jsd(a_run.logits[:, -1].softmax(-1), p_b)[keep].mean()
+norm_jsd = {}
+for label, patch in patch_sets.items():
+    edits = [PatchCodes(s, cb.layer(s), b_run.outputs[s].codes[:, -1], positions=[-1]) for s in patch]
+    with torch.no_grad():
+        p = cb.run(a_ids, edits).logits[:, -1].softmax(-1)
+    norm_jsd[label] = float(jsd(p, p_b)[keep].mean() / base_jsd)
+print({k: round(v, 3) for k, v in norm_jsd.items()})
+fig = px.bar(x=list(norm_jsd), y=list(norm_jsd.values()), labels={"x": "codes patched at the last position", "y": "normalised JSD"},
+             title=f"patching state b's codes into a context ending in a ({int(keep.sum())} pairs)")
+fig.update_layout(height=320, template="plotly_white")
+fig
+"""),
+("md", """
+## 4. Probe it yourself
+
+Pick a state: the table lists the codes its two digits fire, per codebook. Pick a code to force on the state's second digit (or copy another state's code at that layer): the bars show the next-state distribution before (grey) and after (orange), the true out-edges of the state (▼) and of the state whose code was copied (◆).
+"""),
+("code", """
+def state_codes_of(s):
+    with torch.no_grad():
+        out = cb.run(torch.tensor([[fsm.special_id, *fsm.encode([s]).tolist()]])).outputs
+    table = {}
+    for site in cb.sites:
+        c = out[site].codes[0, 1:3, ..., 0]              # [2 digits, (G)]
+        if c.dim() == 2:
+            table.update({f"L{site.split('.')[1]} attn h{h}": (int(c[0, h]), int(c[1, h])) for h in range(c.shape[1])})
+        else:
+            table[f"L{site.split('.')[1]} MLP"] = (int(c[0]), int(c[1]))
+    return table
+
+LABEL_TO_SITE = {f"L{i} MLP": MLP[i] for i in range(L)}
+
+def next_states(s, label, code):
+    prefix = torch.tensor([fsm.special_id, *fsm.encode([s]).tolist()])
+    batch = torch.cat([prefix.repeat(10, 1), torch.arange(10)[:, None]], 1)   # BOS s1 s2 a, for each first digit a
+    edits = [] if label is None else [ForceCodes(LABEL_TO_SITE[label], cb.layer(LABEL_TO_SITE[label]), (code,), positions=[2])]
+    with torch.no_grad():
+        probs = cb.run(batch, edits).logits[:, -2:].softmax(-1)
+    p = probs[:, 0, :10][0][:, None] * probs[:, 1, :10]                        # p(a) p(b | a)
+    return p.reshape(100)[: fsm.n_states].numpy()
+
+panel = FSMPanel(state_codes_of, next_states, fsm.edges, list(LABEL_TO_SITE), n_codes=cb.layer(MLP[0]).cfg.n_codes, state=40)
+panel.site.value = "L2 MLP"
+panel.source.value = 7
+panel.force()
+panel
+"""),
+("md", "How much of the next-state mass lands on state 07's out-edges when its layer-2 code is forced into state 40, against before:"),
+("code", """
+moved = float(panel.after[fsm.edges[7]].sum()); stayed = float(panel.before[fsm.edges[7]].sum())
+print(f"P(out-edge of 07): {stayed:.3f} before, {moved:.3f} after forcing")
+"""),
+("md", "## Checks\nThe numbers above, asserted (thresholds measured on these shipped models, with margin)."),
+("code", """
+print(acc.round(3).to_string()); print(summary); print(norm_jsd); print(f"{time.perf_counter() - t0:.0f} s")
+assert acc.loc["tokfsm", "first-transition acc"] >= 0.95
+assert acc.loc["tokfsm-codebook-attn", "first-transition acc"] >= ATTN_ONLY_MIN
+assert acc.loc["tokfsm-codebook", "first-transition acc"] >= K1_MIN
+assert acc.loc["tokfsm-codebook-k4", "first-transition acc"] >= K4_MIN
+assert summary["code precision"] >= CODE_PRECISION_MIN
+assert summary["code precision"] - summary["best neuron precision at matched recall"] >= CODE_VS_NEURON_MIN
+assert norm_jsd["none"] == 1.0
+assert norm_jsd["all MLP"] <= ALL_MLP_MAX and norm_jsd["all MLP"] < norm_jsd["MLP layer 1"]
+assert norm_jsd["all attention + MLP"] <= norm_jsd["all MLP"] + 0.05
+assert moved > stayed
+"""),
+])

@@ -1,0 +1,165 @@
+import sys; sys.path.insert(0, __import__("os").path.dirname(__file__)); from mk import build
+build(__import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", "notebooks", "02_codebook_language.ipynb"), [
+("md", """
+# Codebook features in a language model
+> Find topic and concept codes in the `stories-codebook` model automatically, compare them with the best neurons, and steer generations by forcing topic codes (Tamkin et al. 2023, §4-5, at toy scale).
+"""),
+("md", """
+`stories-codebook` is the shipped 4-layer `stories` GPT-2, finetuned with one codebook per attention head on every layer (`blocks.{i}.attn.hook_z`, `C = 1000`, `k = 8`: each head's output is the sum of 8 codes). The story corpus plants ground truth: each story has one of 10 topics (dragon, fire, ..., snow) whose words fill it, and tokens carry concept labels (months, colours, names, emotions, pronouns...). Because the model's activations are sums of discrete codes, "which codes fire here" is a finite list we can search.
+"""),
+("code", """
+import time
+import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_objects as go
+from nbfeatures import zoo
+from nbfeatures.data.stories import StoryCorpus
+from nbfeatures.codebook_model import ForceCodes, load_codebook_model
+from nbfeatures.code_search import best_code_per_label, collect_codes, neuron_precision_at_recall, rank_codes, regex_targets
+
+t0 = time.perf_counter()
+torch.manual_seed(0)
+cb = load_codebook_model("stories-codebook")
+SITES = cb.sites
+C = cb.layer(SITES[0]).cfg.n_codes
+H = cb.layer(SITES[0]).cfg.n_groups
+corpus = StoryCorpus(seed=1)                    # held-out stories (the model was trained on seed 0)
+stories = corpus.generate(96)
+rows = corpus.encode(stories)
+T = max(map(len, rows))
+ids = torch.zeros(len(rows), T, dtype=torch.long)
+valid = torch.zeros(len(rows), T, dtype=torch.bool)
+for b, r in enumerate(rows):
+    ids[b, : len(r)], valid[b, : len(r)] = torch.tensor(r), True
+valid[:, 0] = False                            # BOS
+topic_B = torch.tensor([s.topic for s in stories])
+print(zoo.card("stories-codebook")["metrics"])
+"""),
+("md", "Codes at every head of every layer for every token, stacked as one grouped codebook: group = layer * heads + head."),
+("code", """
+codes = collect_codes(cb, ids)                                  # site -> [B, T, H, K]
+all_codes = torch.cat([codes[s] for s in SITES], 2)              # [B, T, L*H, K]
+G = all_codes.shape[2]
+def where(g): return f"L{g // H} h{g % H}"
+"""),
+("md", """
+## 1. Topic codes, found automatically
+
+For every code, the share of a story's tokens it fires on. A topic code fires on a large share of its topic's stories and rarely elsewhere: we rank codes per topic by (mean share in the topic's stories) minus (largest mean share in any other topic's stories).
+"""),
+("code", """
+B = len(ids)
+flat = (all_codes + (torch.arange(G) * C)[None, None, :, None]).reshape(B, -1)          # one id space
+fired = torch.zeros(B, G * C)
+for b in range(B):
+    toks = all_codes[b][valid[b]]                                                        # [n, G, K]
+    uniq = (toks + (torch.arange(G) * C)[None, :, None]).reshape(len(toks), -1)
+    fired[b] = torch.zeros(G * C).index_add_(0, uniq.flatten(), torch.ones(uniq.numel())) / len(toks)
+share_KC = torch.stack([fired[topic_B == k].mean(0) for k in range(len(corpus.topics))])  # [topics, codes]
+other = torch.stack([torch.cat([share_KC[:k], share_KC[k + 1:]]).max(0).values for k in range(len(corpus.topics))])
+score = share_KC - other
+top = score.topk(3, dim=1)
+topic_codes = pd.DataFrame([{"topic": corpus.topics[k], "rank": r, "where": where(int(i) // C), "code": int(i) % C,
+                             "share in topic": float(share_KC[k, i]), "max share elsewhere": float(other[k, i])}
+                            for k in range(len(corpus.topics)) for r, i in enumerate(top.indices[k].tolist())])
+topic_codes[topic_codes["rank"] == 0]
+"""),
+("code", """
+best = topic_codes[topic_codes["rank"] == 0]
+fig = go.Figure([go.Bar(x=best.topic, y=best["share in topic"], name="share of the topic's story tokens"),
+                 go.Bar(x=best.topic, y=best["max share elsewhere"], name="largest share in another topic")])
+fig.update_layout(barmode="group", title="the best topic code of each topic", yaxis_title="share of tokens it fires on",
+                  height=320, template="plotly_white")
+fig
+"""),
+("md", """
+## 2. Concept codes vs the best neurons
+
+Ground-truth token labels (a month, a colour, a name, ...) or a regex over the text pick the target tokens; every code is scored as a detector (precision = P(concept | code fires), recall = P(code fires | concept)) and the best by F1 is kept. The baseline is the best single neuron (any head-output dimension before its codebook, or any MLP neuron, either sign) thresholded to the same recall.
+"""),
+("code", """
+labels = corpus.concept_labels(ids)
+labels = {c: m & valid for c, m in labels.items()}
+# a regex finds the same kind of target from text alone: the word after "In" that opens a sentence (a month)
+words = [[" " + w for w in corpus.tokenizer().convert_ids_to_tokens(r)] for r in ids.tolist()]
+labels["regex: ' In (\\\\w+) ,'"] = regex_targets(words, r" In( \\w+) ,") & valid
+with torch.no_grad():
+    neurons = []
+    for i in range(0, B, 48):
+        run = cb.run(ids[i : i + 48], read=[f"blocks.{l}.mlp.hook_post" for l in range(len(SITES))])
+        neurons.append(torch.cat([run.outputs[s].target.flatten(-2) for s in SITES]
+                                 + [run.acts[f"blocks.{l}.mlp.hook_post"] for l in range(len(SITES))], -1))
+neurons = torch.cat(neurons)[valid]                                     # [N tokens, D]
+rows_ = []
+for concept, mask in labels.items():
+    if mask.sum() < 5:
+        continue
+    best_code = best_code_per_label(all_codes[valid][None], torch.where(mask[valid], 0, -1)[None], C, n_labels=1).iloc[0]
+    neuron = neuron_precision_at_recall(neurons, mask[valid], float(max(best_code.recall, 1e-3))).iloc[0]
+    rows_.append({"concept": concept, "tokens": int(mask.sum()), "code": f"{where(int(best_code.group))} #{int(best_code.code)}",
+                  "code precision": best_code.precision, "code recall": best_code.recall, "best neuron precision": neuron.precision})
+concepts = pd.DataFrame(rows_).set_index("concept")
+concepts.round(3)
+"""),
+("code", """
+fig = go.Figure([go.Bar(x=concepts.index, y=concepts["code precision"], name="best code"),
+                 go.Bar(x=concepts.index, y=concepts["best neuron precision"], name="best neuron at the same recall")])
+fig.update_layout(barmode="group", title="concept detectors: codes vs neurons (precision)", height=340, template="plotly_white")
+fig
+"""),
+("md", """
+## 3. Steering with topic codes
+
+Prompt: an opening that stops right before the hero's favourite thing, so the model must pick a topic. Baseline: sampled continuations. Steered: the same, with each layer's best code for a topic forced into the lowest-ranked of the k slots of its head on the last prompt token and every generated token. We count the continuations that contain at least one of the topic's own words (Table 3 of the paper does the same on TinyStories).
+"""),
+("code", """
+PROMPT = "Once upon a time , there was a little girl named Mia . She loved"
+N_GEN, NEW = 24, 20
+token_topics = corpus.token_topics
+
+def topic_rates(out):
+    gen = out.tokens[:, out.prompt_len:]
+    return np.array([float((token_topics[gen] == k).any(1).float().mean()) for k in range(len(corpus.topics))])
+
+def steer_edits(k):
+    picks = topic_codes[(topic_codes.topic == corpus.topics[k])]
+    edits, used = [], set()
+    for _, r in picks.iterrows():                    # one edit per site: the best-ranked code of this topic there
+        layer = int(r["where"][1:].split()[0]); site = SITES[layer]
+        if site in used:
+            continue
+        used.add(site)
+        edits.append(ForceCodes(site, cb.layer(site), (int(r.code),), positions=slice(-1, None), mode="last", group=int(r["where"].split("h")[1])))
+    return edits
+
+torch.manual_seed(1)
+baseline = topic_rates(cb.generate([PROMPT] * N_GEN, max_new_tokens=NEW, do_sample=True))
+steered = []
+for k in range(len(corpus.topics)):
+    torch.manual_seed(1)
+    steered.append(topic_rates(cb.generate([PROMPT] * N_GEN, steer_edits(k), max_new_tokens=NEW, do_sample=True))[k])
+steering = pd.DataFrame({"baseline": baseline, "steered": steered}, index=list(corpus.topics))
+steering.round(3)
+"""),
+("code", """
+fig = go.Figure([go.Bar(x=steering.index, y=steering.baseline, name="baseline"), go.Bar(x=steering.index, y=steering.steered, name="topic codes forced")])
+fig.update_layout(barmode="group", title=f"continuations containing the topic's words ({N_GEN} per bar)", yaxis_title="rate",
+                  height=320, template="plotly_white")
+fig
+"""),
+("md", "Example continuations, steered towards the first topic:"),
+("code", """
+torch.manual_seed(2)
+out = cb.generate([PROMPT] * 3, steer_edits(0), max_new_tokens=NEW, do_sample=True)
+tok = corpus.tokenizer()
+for row in out.tokens[:, out.prompt_len:].tolist():
+    print(tok.decode(row))
+"""),
+("md", "## Checks\nThe numbers above, asserted (thresholds measured on the shipped model, with margin)."),
+("code", """
+print(best.to_string()); print(concepts.round(3).to_string()); print(steering.round(3).to_string()); print(f"{time.perf_counter() - t0:.0f} s")
+assert (best["share in topic"] - best["max share elsewhere"]).min() >= TOPIC_GAP_MIN
+assert concepts["code precision"].mean() >= CONCEPT_PRECISION_MIN
+assert (concepts["code precision"] > concepts["best neuron precision"]).sum() >= CODES_BEAT_NEURONS_MIN
+assert (steering.steered > steering.baseline).sum() >= STEERED_TOPICS_MIN
+assert steering.steered.mean() - steering.baseline.mean() >= STEER_GAIN_MIN
+"""),
+])
