@@ -6,7 +6,7 @@ import pytest
 
 import nbfeatures.widgets.figure as figure_mod
 from nbfeatures.plots.fsm import next_state_bars, state_codes_table
-from nbfeatures.widgets.fsm import FSMPanel
+from nbfeatures.widgets.fsm import ALL, FSMPanel
 
 N = 12  # states 00..11
 EDGES = [[(s + 1) % N, (s + 5) % N] for s in range(N)]
@@ -14,7 +14,8 @@ SITES = ["mlp0", "mlp1"]
 
 
 class FakeFSM:
-    """State s fires code 10 + s on its 2nd digit at every site; forcing code 10 + b moves the mass to b's out-edges."""
+    """State s fires code 10 + s on its 2nd digit at every site; forcing code 10 + b at mlp1 alone moves half the mass
+    to b's out-edges, forcing it at both sites all of it."""
 
     def __init__(self):
         self.calls = []
@@ -22,10 +23,14 @@ class FakeFSM:
     def codes(self, s):
         return {site: (s % 10, 10 + s) for site in SITES}
 
-    def next_states(self, s, site, code):
-        self.calls.append((s, site, code))
+    def next_states(self, s, forced):
+        self.calls.append((s, dict(forced)))
         p = np.zeros(N)
-        p[EDGES[s if code is None else code - 10]] = 0.5
+        p[EDGES[s]] = 0.5
+        targets = [c - 10 for c in forced.values()]
+        if "mlp1" in forced:
+            p *= 0.5 if len(set(targets)) == 2 or len(forced) == 1 else 0
+            p[EDGES[forced["mlp1"] - 10]] += 0.25 if len(forced) == 1 else 0.5
         return p
 
 
@@ -41,7 +46,7 @@ def test_picking_a_state_shows_its_codes_and_distribution(monkeypatch, live):
     table = panel.codes_fig.data[0]
     assert list(table.cells.values[0]) == SITES and list(table.cells.values[2]) == [13, 13]
     panel.state.value = 7
-    assert fake.calls[-1] == (7, None, None)
+    assert fake.calls[-1] == (7, {})
     assert list(panel.codes_fig.data[0].cells.values[2]) == [17, 17]
     before, edges = panel.dist_fig.data[0], panel.dist_fig.data[-1]
     assert before.name == "before" and [before.x[i] for i in np.flatnonzero(before.y)] == ["00", "08"]
@@ -56,17 +61,28 @@ def test_forcing_another_states_code_moves_the_mass_to_its_out_edges(monkeypatch
     panel.source.value = 9  # copies state 9's 2nd-digit code at mlp1
     assert panel.code.value == 19
     panel.force_button.click()
-    assert fake.calls[-1] == (2, "mlp1", 19)
+    assert fake.calls[-1] == (2, {"mlp1": 19})
     names = [t.name for t in panel.dist_fig.data]
     assert names == ["before", "after", "true out-edges", "target state's out-edges"]
-    after = panel.dist_fig.data[1]
-    assert sorted(after.x[i] for i in np.flatnonzero(after.y)) == ["02", "10"]  # EDGES[9]
-    assert sorted(panel.dist_fig.data[3].x) == ["02", "10"]
-    assert "P(out-edge of 09): 1.00" in panel.status.value and "→ 0.00" in panel.status.value
+    after = np.asarray(panel.dist_fig.data[1].y)
+    assert after[EDGES[9]].sum() == 0.5 and after[EDGES[2]].sum() == 0.5
+    assert sorted(panel.dist_fig.data[3].x) == ["02", "10"]  # EDGES[9]
+    assert "P(out-edge of 09): 0.00 → 0.50" in panel.status.value
+    panel.site.value = ALL  # state 9's codes at every site: all the mass moves
+    assert panel.code.disabled
+    panel.force_button.click()
+    assert fake.calls[-1] == (2, {"mlp0": 19, "mlp1": 19})
+    assert np.asarray(panel.dist_fig.data[1].y)[EDGES[9]].sum() == 1.0 and "→ 1.00" in panel.status.value
+    assert "codes forced at every site" in panel.dist_fig.layout.title.text
+    panel.site.value = "mlp0"
     panel.source.value = None  # a code by hand: no target marked
     panel.code.value = 14
     panel.force_button.click()
-    assert [t.name for t in panel.dist_fig.data][-1] == "true out-edges"
+    assert fake.calls[-1] == (2, {"mlp0": 14}) and [t.name for t in panel.dist_fig.data][-1] == "true out-edges"
+    panel.site.value = ALL
+    with pytest.raises(ValueError, match="pick the state under 'code of state'"):
+        panel.force()
+    assert "pick the state" in panel.status.value
 
 
 def test_static_fallback_without_anywidget(monkeypatch):
@@ -93,4 +109,4 @@ def test_bad_input(monkeypatch):
         state_codes_table(["a"], [1, 2], [3])
     fake = FakeFSM()
     with pytest.raises(ValueError, match="expected one per state"):
-        FSMPanel(fake.codes, lambda s, site, c: np.ones(3), EDGES, SITES, n_codes=40)
+        FSMPanel(fake.codes, lambda s, forced: np.ones(3), EDGES, SITES, n_codes=40)

@@ -3,11 +3,12 @@
 The panel never sees a model; it calls
 
     codes(state) -> {codebook label: (code on the 1st digit, code on the 2nd digit)}
-    next_states(state, site, code) -> [n_states] next-state probabilities after reading the state,
-                                     with `code` forced at `site` on its 2nd digit (site, code = None, None: no forcing)
+    next_states(state, forced) -> [n_states] next-state probabilities after reading the state, with
+                                  forced = {site: code} forced on its 2nd digit ({}: no forcing)
 
-`out_edges[s]` lists the true successors of state s; they are marked on the bar chart. "Use the code of
-state ..." copies another state's 2nd-digit code at the chosen site, which is the paper's patching experiment.
+`out_edges[s]` lists the true successors of state s; they are marked on the bar chart. "code of state"
+copies another state's 2nd-digit code at the chosen site; the site ALL forces that state's codes at every
+site at once (the paper's patching experiment).
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from ..plots.fsm import next_state_bars, state_codes_table
 from .figure import FigureSlot
 
 
+ALL = "all sites"
+
+
 class FSMPanel(ipw.VBox):
     """Controls: state, site, code, source (a state whose code to copy), force button. Figures: codes_fig, dist_fig."""
 
     def __init__(self, codes: Callable[[int], Mapping[str, tuple[int, int]]],
-                 next_states: Callable[[int, str | None, int | None], Sequence[float]],
+                 next_states: Callable[[int, Mapping[str, int]], Sequence[float]],
                  out_edges: Sequence[Sequence[int]], sites: Sequence[str], n_codes: int, *, state: int = 0, digits: int = 2):
         self.codes_fn, self.next_fn, self.digits = codes, next_states, digits
         self.out_edges = [list(map(int, e)) for e in out_edges]
@@ -37,7 +41,8 @@ class FSMPanel(ipw.VBox):
         if not 0 <= state < self.n_states:
             raise ValueError(f"state must lie in [0, {self.n_states}), got {state}")
         self.state = ipw.BoundedIntText(value=state, min=0, max=self.n_states - 1, description="state")
-        self.site = ipw.Dropdown(options=list(sites), value=sites[0], description="force at")
+        self.sites = list(sites)
+        self.site = ipw.Dropdown(options=self.sites + ([ALL] if len(self.sites) > 1 else []), value=sites[0], description="force at")
         self.code = ipw.BoundedIntText(value=0, min=0, max=n_codes - 1, description="code")
         self.source = ipw.Dropdown(options=[("(pick a code by hand)", None)] + [(self._name(s), s) for s in range(self.n_states)],
                                    value=None, description="code of state")
@@ -72,34 +77,47 @@ class FSMPanel(ipw.VBox):
         table = dict(self.codes_fn(s))
         self._codes.update(state_codes_table(list(table), [v[0] for v in table.values()], [v[1] for v in table.values()],
                                              self._name(s)))
-        self.before, self.after = np.asarray(self.next_fn(s, None, None), dtype=np.float64), None
+        self.before, self.after = np.asarray(self.next_fn(s, {}), dtype=np.float64), None
         self._draw(f"state {self._name(s)}: next-state distribution (no forcing)")
         self._copy_source()
 
     def _copy_source(self) -> None:
+        self.code.disabled = self.site.value == ALL
         if self.source.value is None:
             return
-        label = self.site.value
         table = dict(self.codes_fn(int(self.source.value)))
-        if label not in table:
-            raise ValueError(f"codes({self.source.value}) has no entry for site {label!r}; it has {list(table)}")
-        self.code.value = int(table[label][1])
+        missing = [x for x in self.sites if x not in table]
+        if missing:
+            raise ValueError(f"codes({self.source.value}) has no entry for sites {missing}; it has {list(table)}")
+        if self.site.value != ALL:
+            self.code.value = int(table[self.site.value][1])
+
+    def forced(self) -> dict[str, int]:
+        """What the next Force will force: {site: code}."""
+        if self.site.value != ALL:
+            return {self.site.value: int(self.code.value)}
+        if self.source.value is None:
+            raise ValueError(f"forcing at {ALL!r} copies a state's codes: pick the state under 'code of state'")
+        table = dict(self.codes_fn(int(self.source.value)))
+        return {x: int(table[x][1]) for x in self.sites}
 
     def force(self) -> None:
-        """Run with the code forced and draw before / after."""
-        s, site, code = int(self.state.value), self.site.value, int(self.code.value)
+        """Run with the code(s) forced and draw before / after."""
+        s, src = int(self.state.value), self.source.value
         try:
-            self.after = np.asarray(self.next_fn(s, site, code), dtype=np.float64)
+            forced = self.forced()
+            self.after = np.asarray(self.next_fn(s, forced), dtype=np.float64)
         except Exception as e:
             self.status.value = f"<span style='color:#d62728'>{type(e).__name__}: {html.escape(str(e))}</span>"
             raise
-        src = self.source.value
-        self._draw(f"state {self._name(s)}, code {code} forced at {site}" + (f" (the code of state {self._name(src)})" if src is not None else ""),
-                   self.out_edges[src] if src is not None else ())
+        what = (f"state {self._name(src)}'s codes forced at every site" if self.site.value == ALL else
+                f"code {forced[self.site.value]} forced at {self.site.value}" + (f" (the code of state {self._name(src)})" if src is not None else ""))
+        self._draw(f"state {self._name(s)}, {what}", self.out_edges[src] if src is not None else ())
         on_edges = float(self.after[self.out_edges[s]].sum())
         on_target = float(self.after[self.out_edges[src]].sum()) if src is not None else None
         self.status.value = (f"P(true out-edge of {self._name(s)}): {float(self.before[self.out_edges[s]].sum()):.2f} → {on_edges:.2f}"
-                             + (f"; P(out-edge of {self._name(src)}): {on_target:.2f}" if on_target is not None else ""))
+                             + (f"; P(out-edge of {self._name(src)}): {float(self.before[self.out_edges[src]].sum()):.2f} → {on_target:.2f}"
+                                if on_target is not None else ""))
 
     def _draw(self, title: str, target_edges: Sequence[int] = ()) -> None:
         if len(self.before) != self.n_states:
