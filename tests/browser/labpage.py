@@ -9,7 +9,6 @@ widget, or from a widget callback that JupyterLab sends to its log console.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -22,7 +21,6 @@ from .pagejs import JS_ERRORS, JS_INSPECT, JS_KERNEL_ID, JS_OPENED, JS_RUN_ALL, 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SCREENSHOTS: list[str] = []  # written by the notebook fixture, listed by conftest's terminal summary
-OPENED: dict[str, str] = {}  # notebook (relative to the repository) opened in a page -> sha256 of its file then
 
 
 def notebooks() -> list[Path]:
@@ -97,7 +95,6 @@ class LabNotebook:
     # -- opening and running -------------------------------------------------------------------
     def open(self, workspace: str, timeout_s: float) -> dict:
         t0 = time.monotonic()
-        OPENED.setdefault(self.path, hashlib.sha256((REPO / self.path).read_bytes()).hexdigest())
         self.page.goto(self.server.url(f"lab/workspaces/{workspace}/tree/{self.path}"), wait_until="domcontentloaded")
         self.page.wait_for_function(JS_OPENED, timeout=timeout_s * 1000, polling=250)
         info = self.page.evaluate(JS_SETUP)
