@@ -73,7 +73,7 @@ def model_answer(tokens):
     logits = nbf.run(model, torch.tensor([tokens])).logits[0, parts["colon"]]
     return int(logits.argmax()) - task.digit_id(0)
 
-def study(site, n_queries=12, seed=7):
+def study(site, n_queries=10, seed=7):
     ids, colon, count = task.sample(n_queries, seed=seed)
     rows = []
     for b in range(n_queries):
@@ -115,8 +115,8 @@ def state_at(tokens, p):  # the state whose second digit is at position p
     return int(tokens[p - 1]) * 10 + int(tokens[p]) if p >= 2 and p % 2 == 0 else -1
 
 trows = []
-for b, q in enumerate(fsm.sample(8, seed=2026)[:, :25]):
-    s = sample(tdecoder, tmodel, TSITE, query=q, position=TPOS, temperatures=(0.5, 1.0, 2.0), n_per_temperature=16, epsilon=EPS, seed=b)
+for b, q in enumerate(fsm.sample(6, seed=2026)[:, :25]):
+    s = sample(tdecoder, tmodel, TSITE, query=q, position=TPOS, temperatures=(0.5, 1.0), n_per_temperature=16, epsilon=EPS, seed=b)
     inside = [(t, p) for t, p, k in zip(s.tokens, s.position.tolist(), s.inside.tolist()) if k]
     trows.append({"state": state_at(q, TPOS), "previous state": state_at(q, TPOS - 2), "inside ε": s.inside_fraction,
                   "same state": np.mean([state_at(t, p) == state_at(q, TPOS) for t, p in inside]) if inside else np.nan,
