@@ -47,8 +47,8 @@ E2E_KS = (4, 8, 16)
 LOCAL_TRAIN = TrainConfig(steps=1500, batch_size=1024, lr=2e-3, decay_fraction=0.2, log_every=50)
 E2E_TRAIN = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, decay_fraction=0.2, log_every=10)
 KLMSE_TRAIN = TrainConfig(steps=100, batch_size=8, lr=2e-4, log_every=10)
-BAE_TRAIN = TrainConfig(steps=1500, batch_size=512, lr=1e-3, decay_fraction=0.2, log_every=50)
-BAE_OBJECTIVE = dict(entropy_coef=2e-3, cov_coef=1e-3, entropy_start=300)
+BAE_TRAIN = TrainConfig(steps=1000, batch_size=512, lr=1e-3, decay_fraction=0.2, log_every=50)
+BAE_OBJECTIVE = dict(entropy_coef=1e-4, cov_coef=1e-4, entropy_start=200)  # stronger terms collapse the code (FVU 0.5 at 1e-3)
 BAE_D_SAE = 512
 DS_BETA = 2.5
 
