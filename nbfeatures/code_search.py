@@ -172,8 +172,22 @@ class NeuronBaseline:
 
 
 def neuron_precision_at_recall(acts_ND: Tensor, target_N: Tensor, recall: float) -> pd.DataFrame:
-    """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first."""
-    return NeuronBaseline(acts_ND)(target_N, recall)
+    """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first.
+
+    One pass over the activations; for many targets over the same activations use NeuronBaseline."""
+    t = target_N.bool().reshape(-1)
+    if not 0 < recall <= 1:
+        raise ValueError(f"recall must lie in (0, 1], got {recall}")
+    if not t.any():
+        raise ValueError("no target positions: the concept never occurs in these tokens")
+    rows = []
+    for sign in (1.0, -1.0):
+        a = sign * acts_ND.float().reshape(len(t), -1)
+        thresh = torch.quantile(a[t], 1 - recall, dim=0)  # fires on `recall` of the positives
+        fires = a >= thresh
+        precision = (fires & t[:, None]).sum(0) / fires.sum(0).clamp_min(1)
+        rows.append(pd.DataFrame({"neuron": range(a.shape[1]), "sign": int(sign), "threshold": thresh.numpy(), "precision": precision.numpy()}))
+    return pd.concat(rows).sort_values("precision", ascending=False).reset_index(drop=True)
 
 
 def decode_tokens(tokens: Tensor, decode: Callable[[int], str]) -> list[list[str]]:

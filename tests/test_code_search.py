@@ -102,5 +102,7 @@ def test_neuron_baseline_equals_thresholding_every_neuron_by_hand():
             fires = row.sign * acts[:, int(row.neuron)] >= row.threshold
             assert row.precision == pytest.approx(((fires & target).sum() / fires.sum().clamp_min(1)).item())
         assert df.iloc[0].neuron == 4 and df.iloc[0].sign == 1
+        one_pass = neuron_precision_at_recall(acts, target, recall)
+        assert dict(zip(zip(one_pass.neuron, one_pass.sign), one_pass.precision)) == pytest.approx(dict(zip(zip(df.neuron, df.sign), df.precision)))
     with pytest.raises(ValueError, match="target has 3 entries for 500 rows"):
         base(target[:3], 0.5)

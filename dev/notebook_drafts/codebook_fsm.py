@@ -18,7 +18,7 @@ import time
 import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_objects as go
 from nbfeatures import sites, zoo
 from nbfeatures.data.tokfsm import TokFSM, transition_accuracy, first_transition_accuracy
-from nbfeatures.codebook_model import ForceCodes, PatchCodes, load_codebook_model
+from nbfeatures.codebook_model import PatchCodes, load_codebook_model
 from nbfeatures.code_search import NeuronBaseline, best_code_per_label, codes_frame, collect_codes
 from nbfeatures.widgets.fsm import FSMPanel
 
@@ -26,7 +26,7 @@ t0 = time.perf_counter()
 torch.manual_seed(0)
 fsm = TokFSM()
 base = sites.load_model("tokfsm")
-VARIANTS = ["tokfsm-codebook-attn", "tokfsm-codebook", "tokfsm-codebook-k4"]
+VARIANTS = ["tokfsm-codebook", "tokfsm-codebook-k4"]
 cbs = {name: load_codebook_model(name) for name in VARIANTS}   # one call: finetuned model + codebooks
 cb = cbs["tokfsm-codebook"]
 L = sites.unwrap(base).config.num_hidden_layers
@@ -37,7 +37,7 @@ print(cb.sites)
 ("md", """
 ## 1. Accuracy with and without codebooks
 
-Transition accuracy: continue real prefixes by sampling 8 new states; the fraction of valid transitions (measured on 256 prefixes by the training script and stored in each model card; re-measuring it here would take minutes). First-transition accuracy, measured live: for each state, the overlap of the model's top-10 next states with its true out-edges. We compare the base model with the three codebook variants (the paper's Table 1: attention-only k=1 barely costs accuracy, attention + MLP at k=1 costs more, larger k recovers). Each codebook model is also measured with its codebooks switched off (its finetuned weights alone).
+Transition accuracy: continue real prefixes by sampling 8 new states; the fraction of valid transitions (measured on 256 prefixes by the training script and stored in each model card; re-measuring it here would take minutes). First-transition accuracy, measured live: for each state, the overlap of the model's top-10 next states with its true out-edges. We compare the base model with attention + MLP codebooks at k = 1 and k = 4 (the paper's Table 1: 96.8% without codebooks, 63.7% with attention + MLP codebooks at k = 1, 80.7% at k = 4). Our codebooks are short finetunes of an already trained model rather than trained from scratch, and the k = 4 model had fewer steps (the card says how many). Each codebook model is also measured with its codebooks switched off: its finetuned weights have come to rely on them.
 """),
 ("code", """
 def logits_fn(m):
@@ -145,7 +145,7 @@ fig
 ("md", """
 ## 4. Probe it yourself
 
-Pick a state: the table lists the codes its two digits fire, per codebook. Pick a code to force on the state's second digit (or copy another state's code at that layer): the bars show the next-state distribution before (grey) and after (orange), the true out-edges of the state (▼) and of the state whose code was copied (◆).
+Pick a state: the table lists the codes its two digits fire, per codebook. Pick a code to force on the state's second digit at one MLP layer (or copy another state's code at that layer, or choose "all sites" to force that state's codes at every MLP layer): the bars show the next-state distribution before (grey) and after (orange), the true out-edges of the state (▼) and of the state whose codes were copied (◆).
 """),
 ("code", """
 def state_codes_of(s):
@@ -160,40 +160,59 @@ def state_codes_of(s):
             table[f"L{site.split('.')[1]} MLP"] = (int(c[0]), int(c[1]))
     return table
 
-LABEL_TO_SITE = {f"L{i} MLP": MLP[i] for i in range(L)}
+LABELS = list(state_codes_of(0))                     # "L0 attn h0", ..., "L3 MLP": every codebook (heads one by one)
 
-def next_states(s, label, code):
+def site_of(label):
+    layer, kind = int(label[1]), label.split()[1]
+    return (ATTN if kind == "attn" else MLP)[layer], (int(label.split("h")[-1]) if kind == "attn" else None)
+
+def next_states(s, forced):
     prefix = torch.tensor([fsm.special_id, *fsm.encode([s]).tolist()])
     batch = torch.cat([prefix.repeat(10, 1), torch.arange(10)[:, None]], 1)   # BOS s1 s2 a, for each first digit a
-    edits = [] if label is None else [ForceCodes(LABEL_TO_SITE[label], cb.layer(LABEL_TO_SITE[label]), (code,), positions=[2])]
     with torch.no_grad():
-        probs = cb.run(batch, edits).logits[:, -2:].softmax(-1)
+        natural = cb.run(batch).outputs
+        edits = {}
+        for label, code in forced.items():                                  # one edit per site: the natural codes, some replaced
+            site, head = site_of(label)
+            ids = edits[site].codes if site in edits else natural[site].codes[:, 2].clone()
+            if head is None:
+                ids[:, 0] = code            # MLP: [rows, k]
+            else:
+                ids[:, head, 0] = code      # attention: [rows, heads, k]
+            edits[site] = PatchCodes(site, cb.layer(site), ids, positions=[2])
+        probs = cb.run(batch, list(edits.values())).logits[:, -2:].softmax(-1)
     p = probs[:, 0, :10][0][:, None] * probs[:, 1, :10]                        # p(a) p(b | a)
     return p.reshape(100)[: fsm.n_states].numpy()
 
-panel = FSMPanel(state_codes_of, next_states, fsm.edges, list(LABEL_TO_SITE), n_codes=cb.layer(MLP[0]).cfg.n_codes, state=40)
-panel.site.value = "L2 MLP"
+panel = FSMPanel(state_codes_of, next_states, fsm.edges, LABELS, n_codes=cb.layer(MLP[0]).cfg.n_codes, state=40)
 panel.source.value = 7
+panel.site.value = "all sites"     # state 07's codes in every codebook; pick one codebook to force a single code
 panel.force()
 panel
 """),
-("md", "How much of the next-state mass lands on state 07's out-edges when its layer-2 code is forced into state 40, against before:"),
+("md", "Where the next-state mass goes when state 07's codes are forced into state 40's second digit: in every codebook, in all MLP codebooks, in one MLP layer at a time. The first digit `4` still sits one position earlier, unforced, and the second digit of the next state is read from both positions, so even forcing every codebook moves only part of the mass."),
 ("code", """
-moved = float(panel.after[fsm.edges[7]].sum()); stayed = float(panel.before[fsm.edges[7]].sum())
-print(f"P(out-edge of 07): {stayed:.3f} before, {moved:.3f} after forcing")
+def mass(p, s): return float(p[fsm.edges[s]].sum())
+seven = state_codes_of(7)
+forcing = {"none": next_states(40, {}), "every codebook": panel.after}
+forcing |= {"all MLP layers": next_states(40, {l: seven[l][1] for l in LABELS if "MLP" in l})}
+forcing |= {label: next_states(40, {label: seven[label][1]}) for label in LABELS if "MLP" in label}
+forcing = pd.DataFrame({"P(out-edge of 40)": {k: mass(p, 40) for k, p in forcing.items()},
+                        "P(out-edge of 07)": {k: mass(p, 7) for k, p in forcing.items()}})
+forcing.round(3)
 """),
 ("md", "## Checks\nThe numbers above, asserted (thresholds measured on these shipped models, with margin)."),
 ("code", """
-print(acc.round(3).to_string()); print(summary); print(norm_jsd); print(f"{time.perf_counter() - t0:.0f} s")
+print(acc.round(3).to_string()); print(summary); print(norm_jsd); print(forcing.round(3).to_string()); print(f"{time.perf_counter() - t0:.0f} s")
 assert acc.loc["tokfsm", "first-transition acc"] >= 0.95
-assert acc.loc["tokfsm-codebook-attn", "first-transition acc"] >= ATTN_ONLY_MIN
-assert acc.loc["tokfsm-codebook", "first-transition acc"] >= K1_MIN
+assert acc.loc["tokfsm-codebook", "first-transition acc"] >= 0.85
 assert acc.loc["tokfsm-codebook-k4", "first-transition acc"] >= K4_MIN
-assert summary["code precision"] >= CODE_PRECISION_MIN
-assert summary["code precision"] - summary["best neuron precision at matched recall"] >= CODE_VS_NEURON_MIN
+assert summary["code precision"] >= 0.90
+assert summary["code precision"] - summary["best neuron precision at matched recall"] >= 0.15
 assert norm_jsd["none"] == 1.0
-assert norm_jsd["all MLP"] <= ALL_MLP_MAX and norm_jsd["all MLP"] < norm_jsd["MLP layer 1"]
+assert norm_jsd["all MLP"] <= 0.40 and norm_jsd["all MLP"] < norm_jsd["MLP layer 1"]
 assert norm_jsd["all attention + MLP"] <= norm_jsd["all MLP"] + 0.05
-assert moved > stayed
+assert forcing.loc["every codebook", "P(out-edge of 07)"] >= 0.25
+assert forcing.loc["all MLP layers", "P(out-edge of 07)"] > forcing.loc["none", "P(out-edge of 07)"] + 0.15
 """),
 ])

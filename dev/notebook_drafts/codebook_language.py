@@ -13,7 +13,7 @@ import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_obje
 from nbfeatures import zoo
 from nbfeatures.data.stories import StoryCorpus
 from nbfeatures.codebook_model import ForceCodes, load_codebook_model
-from nbfeatures.code_search import best_code_per_label, collect_codes, neuron_precision_at_recall, rank_codes, regex_targets
+from nbfeatures.code_search import NeuronBaseline, best_code_per_label, regex_targets
 
 t0 = time.perf_counter()
 torch.manual_seed(0)
@@ -33,12 +33,19 @@ valid[:, 0] = False                            # BOS
 topic_B = torch.tensor([s.topic for s in stories])
 print(zoo.card("stories-codebook")["metrics"])
 """),
-("md", "Codes at every head of every layer for every token, stacked as one grouped codebook: group = layer * heads + head."),
+("md", "One pass over the stories reads every head's codes at every layer (stacked as one grouped codebook: group = layer * heads + head) and, for the neuron baseline below, each head's output before its codebook and each MLP's hidden neurons."),
 ("code", """
-codes = collect_codes(cb, ids)                                  # site -> [B, T, H, K]
-all_codes = torch.cat([codes[s] for s in SITES], 2)              # [B, T, L*H, K]
+code_parts, neuron_parts = [], []
+with torch.no_grad():
+    for i in range(0, len(ids), 48):
+        run = cb.run(ids[i : i + 48], read=[f"blocks.{l}.mlp.hook_post" for l in range(len(SITES))])
+        code_parts.append(torch.cat([run.outputs[s].codes for s in SITES], 2))                   # [b, T, L*H, K]
+        neuron_parts.append(torch.cat([run.outputs[s].target.flatten(-2) for s in SITES]
+                                      + [run.acts[f"blocks.{l}.mlp.hook_post"] for l in range(len(SITES))], -1))
+all_codes = torch.cat(code_parts)
 G = all_codes.shape[2]
 def where(g): return f"L{g // H} h{g % H}"
+all_codes.shape
 """),
 ("md", """
 ## 1. Topic codes, found automatically
@@ -81,19 +88,13 @@ labels = {c: m & valid for c, m in labels.items()}
 # a regex finds the same kind of target from text alone: the word after "In" that opens a sentence (a month)
 words = [[" " + w for w in corpus.tokenizer().convert_ids_to_tokens(r)] for r in ids.tolist()]
 labels["regex: ' In (\\\\w+) ,'"] = regex_targets(words, r" In( \\w+) ,") & valid
-with torch.no_grad():
-    neurons = []
-    for i in range(0, B, 48):
-        run = cb.run(ids[i : i + 48], read=[f"blocks.{l}.mlp.hook_post" for l in range(len(SITES))])
-        neurons.append(torch.cat([run.outputs[s].target.flatten(-2) for s in SITES]
-                                 + [run.acts[f"blocks.{l}.mlp.hook_post"] for l in range(len(SITES))], -1))
-neurons = torch.cat(neurons)[valid]                                     # [N tokens, D]
+baseline = NeuronBaseline(torch.cat(neuron_parts)[valid])            # [N tokens, 4 x 128 head dims + 4 x 512 MLP neurons]
 rows_ = []
 for concept, mask in labels.items():
     if mask.sum() < 5:
         continue
     best_code = best_code_per_label(all_codes[valid][None], torch.where(mask[valid], 0, -1)[None], C, n_labels=1).iloc[0]
-    neuron = neuron_precision_at_recall(neurons, mask[valid], float(max(best_code.recall, 1e-3))).iloc[0]
+    neuron = baseline(mask[valid], float(max(best_code.recall, 1e-3))).iloc[0]
     rows_.append({"concept": concept, "tokens": int(mask.sum()), "code": f"{where(int(best_code.group))} #{int(best_code.code)}",
                   "code precision": best_code.precision, "code recall": best_code.recall, "best neuron precision": neuron.precision})
 concepts = pd.DataFrame(rows_).set_index("concept")
@@ -112,7 +113,7 @@ Prompt: an opening that stops right before the hero's favourite thing, so the mo
 """),
 ("code", """
 PROMPT = "Once upon a time , there was a little girl named Mia . She loved"
-N_GEN, NEW = 24, 20
+N_GEN, NEW = 24, 16
 token_topics = corpus.token_topics
 
 def topic_rates(out):
