@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nbfeatures.sae.binary import (
-    BinaryAE, BinaryConfig, BinaryObjective, binary_entropy_bits, binary_step, deviation_scores, feature_set_entropy,
+    BinaryAE, BinaryConfig, BinaryObjective, binary_entropy_bits, binary_step, deviation_acts, deviation_scores, feature_set_entropy,
     minibatch_entropy, offdiag_covariance,
 )
 from nbfeatures.sae.io import load_sae, save_sae
@@ -178,3 +178,11 @@ def test_more_bad_input():
         BinaryConfig(8, 0)
     with pytest.raises(ValueError, match="expected d_in=8"):
         feature_set_entropy(bae, torch.randn(10, 4))
+
+
+def test_deviation_acts_fire_when_a_bit_leaves_its_usual_state():
+    bits = torch.tensor([[1.0, 0.0]] * 9 + [[0.0, 1.0]])  # bit 0 usually on, bit 1 usually off
+    a = deviation_acts(bits)
+    assert a[:9].abs().sum() == 0  # the usual state is "off" for both
+    assert a[9].tolist() == pytest.approx([0.9, 0.9])  # both leave it on the last token, by |h - mean|
+    assert deviation_acts(bits, torch.tensor([0.2, 0.2]))[0].tolist() == pytest.approx([0.8, 0.0])

@@ -132,6 +132,17 @@ def deviation_scores(bits_NF: Tensor, mean_F: Tensor | None = None) -> Tensor:
     return torch.log2((bits_NF.float() - mean_F).abs() + 1e-6)
 
 
+def deviation_acts(bits_NF: Tensor, mean_F: Tensor | None = None) -> Tensor:
+    """|h - mean h| where a bit is out of its usual state (1 for a rare bit, 0 for a usually-on bit), else 0.
+
+    Non-negative and zero when "off", so it feeds precision / recall and the feature gallery like SAE latents.
+    """
+    bits = bits_NF.float()
+    mean_F = bits.mean(0) if mean_F is None else mean_F.float()
+    deviates = bits != (mean_F > 0.5).float()
+    return torch.where(deviates, (bits - mean_F).abs(), torch.zeros_like(bits))
+
+
 class BinaryObjective:
     """MSE + entropy_coef * minibatch entropy (after `entropy_start` steps) + cov_coef * off-diagonal covariance."""
 
