@@ -235,3 +235,22 @@ def test_nearest_neighbour_cosine_by_hand():
     W = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -2.0]])
     # cos(0,1) = 0.6, cos(0,2) = 0, cos(1,2) = -0.8
     assert nearest_neighbour_cosine(W).tolist() == pytest.approx([0.6, 0.6, 0.0])
+
+
+def test_shipped_stories_saes_match_their_cards():
+    """Every shipped folder loads, sits at the site its card names, and has the card's dictionary config."""
+    import json
+    from nbfeatures import zoo
+    from nbfeatures.sae.io import load_sae
+    from nbfeatures.zoo.train_saes import SAE_DIR, run_names
+
+    folders = sorted(p.name for p in SAE_DIR.iterdir() if (p / "cfg.json").is_file())
+    assert folders == sorted(run_names())
+    for run in folders:
+        card = json.loads((SAE_DIR / run / "card.json").read_text())
+        cfg = json.loads((SAE_DIR / run / "cfg.json").read_text())
+        sae = load_sae(SAE_DIR / run)
+        assert card["run"] == run and cfg["metadata"]["hook_name"] == card["site"]
+        assert {k: getattr(sae.cfg, k) for k in card["recipe"]["dictionary"]} == card["recipe"]["dictionary"]
+        assert card["recipe"].get("warm_start") in (None, f"local_k{getattr(sae.cfg, 'k', '')}")
+    assert "saes" not in zoo.available()  # SAE folders do not pose as zoo models
