@@ -10,6 +10,8 @@ The step has no gradient, so an estimator stands in for it in the backward pass:
     reference    grad_in = grad_out * (1 - grad_out)          what the reference code does (it applies
                                                               the sigmoid-derivative form to the incoming gradient)
 Feature-set entropy: the same sum of per-bit binary entropies over a set of activations.
+Reading a bit: it "fires" when it leaves its usual state (`deviation_scores`, `deviation_acts`), so a
+usually-on bit switching off counts and dense bits are not mistaken for signal.
 
 Dimension key: N tokens, D input dim (d_in), F bits (d_sae).
 """
