@@ -41,13 +41,17 @@ def start(rel: str, server, browser, *, action_timeout: float) -> LabNotebook:
 def close(nb: LabNotebook, artifacts=None) -> None:
     """Save the browser console (when artifacts is given), shut this page's kernel down, close the page."""
     run = nb.run
+    kernel_id = nb.current_kernel_id()
+    cpu = nb.server.kernel_cpu_seconds(kernel_id)
+    if cpu is not None:
+        run.timings["kernel_cpu"] = round(cpu, 1)
     try:
         if artifacts is not None:
             print(f"\n{run.path}: seconds {run.timings}")
             (artifacts / f"{artifact_stem(run.path)}-console.log").write_text(
                 "\n".join(run.console + ["--- uncaught page errors ---"] + run.page_errors) + "\n")
     finally:
-        nb.server.shutdown_kernel(nb.current_kernel_id())  # each tutorial's kernel holds a model; free it now
+        nb.server.shutdown_kernel(kernel_id)  # each tutorial's kernel holds a model; free it now
         nb.page.context.close()
 
 

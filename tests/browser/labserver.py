@@ -166,6 +166,21 @@ class LabServer:
         if self.proc is not None:
             self._seen.update(descendants(self.proc.pid))
 
+    def kernel_cpu_seconds(self, kernel_id: str | None) -> float | None:
+        """CPU time (user + system) the kernel process has used so far, from /proc (Linux); None if not found."""
+        if not kernel_id or self.proc is None:
+            return None
+        for pid, _ in descendants(self.proc.pid):
+            try:
+                if f"kernel-{kernel_id}.json" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
+                    continue
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
     def shutdown_kernel(self, kernel_id: str | None) -> None:
         """Shut one kernel down (a notebook's, once it has been checked), leaving the others running."""
         self.remember_children()
