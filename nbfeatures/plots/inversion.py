@@ -39,7 +39,8 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
     labels = [f"#{i} d={d:.3f}" for i, d in enumerate(distance)]
     lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.78, 0.22], horizontal_spacing=0.02)
-    fig.add_trace(go.Heatmap(z=z.tolist(), text=text, texttemplate="%{text}", y=labels, x=list(range(width)),
+    z_cells = [[None if np.isnan(v) else float(v) for v in row] for row in z]  # JSON has no NaN: a FigureWidget would choke
+    fig.add_trace(go.Heatmap(z=z_cells, text=text, texttemplate="%{text}", y=labels, x=list(range(width)),
                              colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, xgap=1, ygap=1,
                              colorbar=dict(title="Δ log p", x=-0.12, len=0.8),
                              hovertemplate="%{y} pos %{x}: %{text}<br>Δ log p = %{z:.2f}<extra></extra>"), 1, 1)  # fmt: skip
