@@ -61,3 +61,17 @@ def test_version_matches_pyproject():
 def test_readme_names_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make lab" in readme and "make test" in readme
+
+
+def test_package_data_ships_every_zoo_file():
+    """The zoo's model folders have no __init__.py, so only the recursive globs put them in a wheel."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["nbfeatures.zoo"]
+    zoo = root / "nbfeatures" / "zoo"
+    shipped = {p for pat in patterns for p in zoo.glob(pat) if p.is_file()}
+    data = {p for p in zoo.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    assert data, "no zoo files found"
+    assert data <= shipped, f"zoo files a wheel would miss: {sorted(str(p.relative_to(zoo)) for p in data - shipped)[:10]}"
