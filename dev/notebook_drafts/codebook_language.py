@@ -5,7 +5,7 @@ build(__import__("os").path.join(__import__("os").path.dirname(__file__), "..", 
 > Find topic and concept codes in the `stories-codebook` model automatically, compare them with the best neurons, and steer generations by forcing topic codes (Tamkin et al. 2023, §4-5, at toy scale).
 """),
 ("md", """
-`stories-codebook` is the shipped 4-layer `stories` GPT-2, finetuned with one codebook per attention head on every layer (`blocks.{i}.attn.hook_z`, `C = 1000`, `k = 8`: each head's output is the sum of 8 codes). The story corpus plants ground truth: each story has one of 10 topics (dragon, fire, ..., snow) whose words fill it, and tokens carry concept labels (months, colours, names, emotions, pronouns...). Because the model's activations are sums of discrete codes, "which codes fire here" is a finite list we can search.
+`stories-codebook` is the shipped 4-layer `stories` GPT-2, briefly finetuned (60 steps on one CPU thread; its card has the numbers: validation loss 1.89 against the base model's 0.52) with one codebook per attention head on every layer (`blocks.{i}.attn.hook_z`, `C = 1000`, `k = 8`: each head's output is the sum of 8 codes). The story corpus plants ground truth: each story has one of 10 topics (dragon, fire, ..., snow) whose words fill it, and tokens carry concept labels (months, colours, names, emotions, pronouns...). Because the model's activations are sums of discrete codes, "which codes fire here" is a finite list we can search.
 """),
 ("code", """
 import time
@@ -67,10 +67,10 @@ top = score.topk(3, dim=1)
 topic_codes = pd.DataFrame([{"topic": corpus.topics[k], "rank": r, "where": where(int(i) // C), "code": int(i) % C,
                              "share in topic": float(share_KC[k, i]), "max share elsewhere": float(other[k, i])}
                             for k in range(len(corpus.topics)) for r, i in enumerate(top.indices[k].tolist())])
-topic_codes[topic_codes["rank"] == 0]
+best = topic_codes[topic_codes["rank"] == 0]
+best
 """),
 ("code", """
-best = topic_codes[topic_codes["rank"] == 0]
 fig = go.Figure([go.Bar(x=best.topic, y=best["share in topic"], name="share of the topic's story tokens"),
                  go.Bar(x=best.topic, y=best["max share elsewhere"], name="largest share in another topic")])
 fig.update_layout(barmode="group", title="the best topic code of each topic", yaxis_title="share of tokens it fires on",
@@ -109,11 +109,12 @@ fig
 ("md", """
 ## 3. Steering with topic codes
 
-Prompt: an opening that stops right before the hero's favourite thing, so the model must pick a topic. Baseline: sampled continuations. Steered: the same, with each layer's best code for a topic forced into the lowest-ranked of the k slots of its head on the last prompt token and every generated token. We count the continuations that contain at least one of the topic's own words (Table 3 of the paper does the same on TinyStories).
+Prompt: an opening that stops right before the hero's favourite thing, so the model must pick a topic. Baseline: sampled continuations. Steered: the same, with each layer's best code for a topic forced into all k slots of its head (the head then outputs k times that code) on the last prompt token and every generated token. We count the continuations that contain at least one of the topic's own words (Table 3 of the paper does the same on TinyStories).
 """),
 ("code", """
 PROMPT = "Once upon a time , there was a little girl named Mia . She loved"
-N_GEN, NEW = 24, 16
+N_GEN, NEW = 16, 12
+K = cb.layer(SITES[0]).cfg.k
 token_topics = corpus.token_topics
 
 def topic_rates(out):
@@ -128,7 +129,7 @@ def steer_edits(k):
         if site in used:
             continue
         used.add(site)
-        edits.append(ForceCodes(site, cb.layer(site), (int(r.code),), positions=slice(-1, None), mode="last", group=int(r["where"].split("h")[1])))
+        edits.append(ForceCodes(site, cb.layer(site), (int(r.code),) * K, positions=slice(-1, None), mode="all", group=int(r["where"].split("h")[1])))
     return edits
 
 torch.manual_seed(1)
@@ -146,7 +147,7 @@ fig.update_layout(barmode="group", title=f"continuations containing the topic's 
                   height=320, template="plotly_white")
 fig
 """),
-("md", "Example continuations, steered towards the first topic:"),
+("md", "Forcing a code into all k slots of a head is a strong push: most topics then appear in nearly every continuation, but the text turns into a string of topic words rather than a story. Example continuations, steered towards the first topic:"),
 ("code", """
 torch.manual_seed(2)
 out = cb.generate([PROMPT] * 3, steer_edits(0), max_new_tokens=NEW, do_sample=True)
@@ -157,10 +158,10 @@ for row in out.tokens[:, out.prompt_len:].tolist():
 ("md", "## Checks\nThe numbers above, asserted (thresholds measured on the shipped model, with margin)."),
 ("code", """
 print(best.to_string()); print(concepts.round(3).to_string()); print(steering.round(3).to_string()); print(f"{time.perf_counter() - t0:.0f} s")
-assert (best["share in topic"] - best["max share elsewhere"]).min() >= TOPIC_GAP_MIN
-assert concepts["code precision"].mean() >= CONCEPT_PRECISION_MIN
-assert (concepts["code precision"] > concepts["best neuron precision"]).sum() >= CODES_BEAT_NEURONS_MIN
-assert (steering.steered > steering.baseline).sum() >= STEERED_TOPICS_MIN
-assert steering.steered.mean() - steering.baseline.mean() >= STEER_GAIN_MIN
+assert (best["share in topic"] - best["max share elsewhere"]).min() >= 0.15
+assert concepts["code precision"].mean() >= 0.45
+assert (concepts["code precision"] > concepts["best neuron precision"]).sum() >= 5
+assert (steering.steered > steering.baseline).sum() >= 5
+assert steering.steered.mean() - steering.baseline.mean() >= 0.25
 """),
 ])
