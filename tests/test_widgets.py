@@ -451,3 +451,29 @@ def test_steering_panel_forces_a_codebook_code_through_edits_fn(model):
     bars = panel.next_token_fig.data[1]
     top = int(other.probs.argmax())
     assert bars.y[list(bars.x).index(token_strings(model)[top])] == pytest.approx(float(other.probs[top]), rel=1e-3)
+
+
+def test_figure_slot_sends_json_safe_data_and_refreshes_the_view_snapshot():
+    """NaN cannot travel in a widget message, and a view made after an update must start from the update."""
+    import json
+
+    import plotly.graph_objects as go
+
+    from nbfeatures.widgets import figure as F
+
+    F.USE_FIGURE_WIDGET = True
+    try:
+        slot = F.FigureSlot(go.Figure(go.Bar(x=["a", "b"], y=np.array([1.0, np.nan]))))
+        assert list(slot.figure.data[0].y) == [1.0, None]
+        slot.update(go.Figure([go.Scatter(x=[0, 1], y=[np.inf, 2.0]), go.Bar(x=["c"], y=[3.0])]))
+        snap = slot.figure._widget_data
+        json.dumps(snap, allow_nan=False)  # what the front end receives
+        assert [t["type"] for t in snap] == ["scatter", "bar"] and list(snap[0]["y"]) == [None, 2.0]
+        curves = LiveCurves(every_s=0.0)
+        curves(1, {"loss": 1.0})
+        curves(2, {"loss": 0.5, "l0": 3.0})  # l0 missing at step 1: a gap, sent as None
+        curves(3, {"loss": 0.25, "l0": 2.0})
+        json.dumps(curves.fig._widget_data, allow_nan=False)
+        assert [t.get("y") for t in curves.fig._widget_data] == [list(t.y) for t in curves.fig.data]
+    finally:
+        F.USE_FIGURE_WIDGET = None

@@ -8,6 +8,8 @@ figures are plain go.Figure objects, updated in place and re-shown in an ipywidg
 from __future__ import annotations
 
 import json
+import math
+from copy import deepcopy
 
 import ipywidgets as ipw
 import numpy as np
@@ -31,21 +33,53 @@ def figure_widgets_available() -> bool:
     return _probed
 
 
+def json_safe(value):
+    """Plain lists with None for NaN / inf: what a FigureWidget can send to the page.
+
+    Not numpy arrays: when the page echoes an update back, plotly compares values with `==`, and an
+    array there raises "truth value of an array is ambiguous". Not NaN: the widget message is JSON,
+    and a NaN in it is refused ("Out of range float values are not JSON compliant"). Both seen in the browser.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def sync_widget_state(fig: go.Figure) -> None:
+    """Make a FigureWidget's synced snapshot match its figure.
+
+    plotly 7 refreshes the state a new view starts from (`_widget_data` / `_widget_layout`) only when the
+    figure itself is displayed; a FigureWidget inside a VBox is not, so a view created after an update
+    (the cell's output, a re-render) started from the construction-time figure: empty axes, dead controls.
+    """
+    if hasattr(fig, "_widget_data") and hasattr(fig, "_layout_obj"):  # a FigureWidget (the class may be absent)
+        fig._widget_layout = deepcopy(fig._layout_obj._props)
+        fig._widget_data = deepcopy(fig._data)
+
+
 def replace_figure(target: go.Figure, new: go.Figure) -> None:
     """Make `target` show `new`, in place (a FigureWidget then sends one batched update to the front end)."""
     with target.batch_update():
         if len(target.data) == len(new.data) and all(a.type == b.type for a, b in zip(target.data, new.data)):
             for a, b in zip(target.data, new.data):
-                # plain lists, not numpy arrays: when the page echoes the update back, plotly compares values
-                # with `==`, and an array there raises "truth value of an array is ambiguous" (seen in the browser)
-                props = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in b.to_plotly_json().items()}
+                props = {k: json_safe(v) for k, v in b.to_plotly_json().items()}
                 props.pop("type", None)
                 props.update({k: None for k in a.to_plotly_json() if k not in props and k not in ("type", "uid")})
                 a.update(props, overwrite=True)
         else:
             target.data = ()
-            target.add_traces(list(new.data))
+            target.add_traces([_safe_trace(t) for t in new.data])
         target.layout = new.layout
+    sync_widget_state(target)
+
+
+def _safe_trace(trace):
+    props = {k: json_safe(v) for k, v in trace.to_plotly_json().items()}
+    return type(trace)(props)
 
 
 class FigureSlot:
@@ -54,7 +88,7 @@ class FigureSlot:
     def __init__(self, fig: go.Figure):
         self.live = figure_widgets_available()
         if self.live:
-            self.figure = go.FigureWidget(fig)
+            self.figure = go.FigureWidget(data=[_safe_trace(t) for t in fig.data], layout=fig.layout)
             self.view: ipw.Widget = self.figure
         else:
             self.figure = go.Figure(fig)
@@ -67,8 +101,10 @@ class FigureSlot:
         self.refresh()
 
     def refresh(self) -> None:
-        """After changing `figure` in place: a FigureWidget has already synced; a static figure is shown again."""
-        if not self.live:
+        """After changing `figure` in place: a FigureWidget's view snapshot is refreshed; a static figure is shown again."""
+        if self.live:
+            sync_widget_state(self.figure)
+        else:
             self._show()
 
     def _show(self) -> None:

@@ -19,7 +19,7 @@ import ipywidgets as ipw
 import plotly.graph_objects as go
 
 from ..plots import curves, curves_title, default_panels, training_curves
-from .figure import FigureSlot
+from .figure import FigureSlot, json_safe
 
 
 class LiveCurves(ipw.VBox):
@@ -83,9 +83,9 @@ class LiveCurves(ipw.VBox):
             fig = self.slot.figure
             with fig.batch_update():
                 for j, c in enumerate(curves(self.history, panels, smoothing, self.x)):
-                    # lists, not numpy arrays (see replace_figure)
-                    fig.data[2 * j].x, fig.data[2 * j].y = list(map(float, c.x)), list(map(float, c.raw))
-                    fig.data[2 * j + 1].x, fig.data[2 * j + 1].y = list(map(float, c.x)), list(map(float, c.smooth))
+                    # plain lists with None for the gaps (see json_safe)
+                    fig.data[2 * j].x, fig.data[2 * j].y = json_safe(list(map(float, c.x))), json_safe(list(map(float, c.raw)))
+                    fig.data[2 * j + 1].x, fig.data[2 * j + 1].y = json_safe(list(map(float, c.x))), json_safe(list(map(float, c.smooth)))
                 fig.layout.title.text = curves_title(self.history, smoothing, self.x)
             self.slot.refresh()
         else:
