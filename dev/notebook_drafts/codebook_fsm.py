@@ -61,7 +61,7 @@ for name, m in cbs.items():
 acc = pd.DataFrame(rows).set_index("model")
 acc
 """),
-("md", "At this scale the codebooks cost accuracy, less than in the paper at k = 1 (we finetune a trained model instead of training from scratch). The k = 4 model here had far fewer finetuning steps than the k = 1 model (see the table), so it does not show the paper's recovery with larger k: the comparison is not at equal training."),
+("md", "At this scale the codebooks cost accuracy, less than in the paper at k = 1 (we finetune a trained model instead of training from scratch). The k = 4 model here had fewer finetuning steps than the k = 1 model (120 against 200, see the table) and ends slightly below it, so it does not show the paper's recovery with larger k: the comparison is not at equal training."),
 ("code", """
 fig = px.bar(acc.reset_index(), x="model", y=["transition acc (card)", "first-transition acc"], barmode="group",
              title="TokFSM accuracy with and without codebooks", range_y=[0, 1.05])
@@ -207,7 +207,7 @@ forcing.round(3)
 print(acc.round(3).to_string()); print(summary); print(norm_jsd); print(forcing.round(3).to_string()); print(f"{time.perf_counter() - t0:.0f} s")
 assert acc.loc["tokfsm", "first-transition acc"] >= 0.95
 assert acc.loc["tokfsm-codebook", "first-transition acc"] >= 0.85
-assert acc.loc["tokfsm-codebook-k4", "first-transition acc"] >= 0.60
+assert acc.loc["tokfsm-codebook-k4", "first-transition acc"] >= 0.80
 assert summary["code precision"] >= 0.90
 assert summary["code precision"] - summary["best neuron precision at matched recall"] >= 0.15
 assert norm_jsd["none"] == 1.0
