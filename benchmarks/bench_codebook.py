@@ -1,16 +1,18 @@
 """Forward-pass cost of codebooks: a TokFSM-shaped model with and without codebooks inserted.
 
-    python benchmarks/bench_codebook.py [--batch 64] [--seq 128] [--reps 10]
+    python benchmarks/bench_codebook.py [--batch 64] [--seq 128] [--reps 10] [--threads 1]
 
 Codebooks go where the paper puts them: one per attention head (hook_z) and one on every MLP
-output, k = 1, at 1k and 10k codes. Times are medians in one run; the ratio is against the same
-model without codebooks, run through the same site layer (plain forward shown for reference).
-Target: at most 1.5x.
+output, k = 1, at 1k and 10k codes. The configurations are timed round-robin (one call of each per
+repetition), so load from other processes drifting during the run hits them alike; times are medians,
+and the ratio is against the same model without codebooks, run through the same site layer (plain
+forward shown for reference). Target: at most 1.5x.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import warnings
 
 import torch
@@ -41,7 +43,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
     model, label = tokfsm_model()
@@ -56,7 +60,13 @@ def main() -> None:
             layers[f"blocks.{i}.hook_mlp_out"] = CodebookLayer(CodebookConfig(d, n_codes, k=1), seed=100 + i).eval()
         cb = CodebookModel(model, layers)
         rows.append((f"attn (per head) + MLP codebooks, C={n_codes}", lambda cb=cb: cb.run(ids).logits))
-    times = {name: timed(fn, args.reps) for name, fn in rows}
+    for _, fn in rows:  # warm-up
+        fn()
+    samples = {name: [] for name, _ in rows}
+    for _ in range(args.reps):
+        for name, fn in rows:
+            samples[name].append(timed(fn, 1, warmup=0))
+    times = {name: statistics.median(v) for name, v in samples.items()}
     base = times["site layer, no codebooks"]
     print(f"model: {label}, {n_layers} layers x {n_heads} heads, d={d}; batch {args.batch}x{args.seq}; CPU threads {torch.get_num_threads()}")
     print(f"{'configuration':<46} {'ms':>8} {'ratio':>6}")
