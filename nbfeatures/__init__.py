@@ -6,7 +6,9 @@
     out = nbf.generate(model, "The dragon", [nbf.Steer("blocks.1.hook_resid_post", v, coef=4.0)])
 """
 
+from . import zoo
 from ._versions import __version__
+from .codebook_model import BlockCodes, CodebookModel, ForceCodes, PatchCodes, load_codebook_model
 from .edits import Ablate, Splice, Steer
 from .features import FeatureSummary, summarize_features
 from .sites import GenerateOutput, Model, RunOutput, generate, load_model, read_acts, resolve, run, site_names, unwrap, wrap
@@ -17,4 +19,6 @@ __all__ = [
     "read_acts", "run", "generate", "RunOutput", "GenerateOutput",
     "Splice", "Steer", "Ablate",
     "summarize_features", "FeatureSummary",
+    "CodebookModel", "load_codebook_model", "ForceCodes", "BlockCodes", "PatchCodes",
+    "zoo",
 ]

@@ -1,5 +1,6 @@
-"""Synthetic corpora with ground truth (TokFSM, Stories) and datasets glue; torch-only, no nnsight."""
+"""Synthetic corpora with ground truth (TokFSM, Stories, character counting) and datasets glue; torch-only, no nnsight."""
 
+from .counting import Counting, count_accuracy
 from .hf import stories_dataset, token_dataset, tokfsm_dataset
 from .stories import Story, StoryCorpus, story_tokenizer
 from .tokfsm import TokFSM, as_logits_fn, first_transition_accuracy, transition_accuracy
@@ -15,4 +16,6 @@ __all__ = [
     "stories_dataset",
     "tokfsm_dataset",
     "token_dataset",
+    "Counting",
+    "count_accuracy",
 ]

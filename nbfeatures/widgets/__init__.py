@@ -6,8 +6,10 @@ drive it from Python. Where go.FigureWidget cannot be built (no anywidget), figu
 """
 
 from .figure import FigureSlot, figure_widgets_available, replace_figure
+from .fsm import FSMPanel
 from .gallery import FeatureGallery
+from .inversion import InversionPanel
 from .live import LiveCurves
 from .steering import SteeringPanel
 
-__all__ = ["LiveCurves", "FeatureGallery", "SteeringPanel", "FigureSlot", "figure_widgets_available", "replace_figure"]
+__all__ = ["LiveCurves", "FeatureGallery", "SteeringPanel", "FSMPanel", "InversionPanel", "FigureSlot", "figure_widgets_available", "replace_figure"]
