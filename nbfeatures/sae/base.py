@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class _GatherPre(torch.autograd.Function):
@@ -109,6 +109,36 @@ def check_input(name: str, x: Tensor, d_in: int, dtype: torch.dtype) -> Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{name}: input dtype {x.dtype} is not floating point")
     return x.reshape(-1, d_in).to(dtype)
+
+
+class UnitNormSAE(nn.Module):
+    """What the TopK and ReLU SAEs share: SAELens-layout parameters W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]
+    (W_enc registered first), the tied unit-norm init, b_dec from the geometric median, the dense decode, and the
+    training hooks that keep decoder rows unit-norm (the gradient along each row removed before the step, rows
+    renormalised after it)."""
+
+    def __init__(self, d_in: int, d_sae: int, seed: int | None = 0):
+        super().__init__()
+        W_enc, W_dec = tied_unit_init(d_in, d_sae, seed)
+        self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample_ND: Tensor) -> None:
+        """b_dec = geometric median of a sample of activations (Gao et al.)."""
+        self.b_dec.copy_(geometric_median(check_input("init_b_dec_", sample_ND, self.W_enc.shape[0], torch.float32)))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Dense latents [..., F] -> x_hat [..., D] (the obvious, dense decode)."""
+        return latents @ self.W_dec + self.b_dec
+
+    # training hooks the shared loop calls around each optimiser step
+    def before_step_(self) -> None:
+        remove_parallel_grad_(self.W_dec)
+
+    def after_step_(self) -> None:
+        unit_norm_rows_(self.W_dec)
 
 
 class FiringTracker:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import FiringTracker, tied_unit_init, check_input, fvu, geometric_median, remove_parallel_grad_, unit_norm_rows_
+from .base import FiringTracker, UnitNormSAE, check_input, fvu
 
 
 @dataclass(frozen=True)
@@ -36,28 +36,17 @@ class ReLUOutput(NamedTuple):
     pre_acts: Tensor  # [..., F]
 
 
-class ReLUSAE(nn.Module):
+class ReLUSAE(UnitNormSAE):
     """Standard SAE with SAELens-layout parameters: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]."""
 
     architecture = "standard"
 
     def __init__(self, cfg: ReLUConfig, seed: int | None = 0):
-        super().__init__()
+        super().__init__(cfg.d_in, cfg.d_sae, seed)
         self.cfg = cfg
-        W_enc, W_dec = tied_unit_init(cfg.d_in, cfg.d_sae, seed)
-        self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-
-    @torch.no_grad()
-    def init_b_dec_(self, sample_ND: Tensor) -> None:
-        self.b_dec.copy_(geometric_median(check_input("init_b_dec_", sample_ND, self.cfg.d_in, torch.float32)))
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return latents @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> ReLUOutput:
         lead = x.shape[:-1]
@@ -66,12 +55,6 @@ class ReLUSAE(nn.Module):
         latents = torch.relu(pre)
         x_hat = self.decode(latents).to(x.dtype)
         return ReLUOutput(x_hat.reshape(*lead, -1), latents.reshape(*lead, -1), pre.reshape(*lead, -1))
-
-    def before_step_(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    def after_step_(self) -> None:
-        unit_norm_rows_(self.W_dec)
 
     def config_dict(self) -> dict:
         return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae}

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import (
-    FiringTracker, tied_unit_init, check_input, dense_from_sparse, fvu, gather_pre, geometric_median, remove_parallel_grad_, sparse_decode,
-    unit_norm_rows_,
-)
+from .base import FiringTracker, UnitNormSAE, check_input, dense_from_sparse, fvu, gather_pre, sparse_decode
 
 
 @dataclass(frozen=True)
@@ -57,23 +54,14 @@ class TopKOutput(NamedTuple):
         return flat.reshape(*self.acts.shape[:-1], F_)
 
 
-class TopKSAE(nn.Module):
+class TopKSAE(UnitNormSAE):
     """TopK SAE with SAELens-layout parameters: W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]."""
 
     architecture = "topk"
 
     def __init__(self, cfg: TopKConfig, seed: int | None = 0):
-        super().__init__()
+        super().__init__(cfg.d_in, cfg.d_sae, seed)
         self.cfg = cfg
-        W_enc, W_dec = tied_unit_init(cfg.d_in, cfg.d_sae, seed)
-        self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-
-    @torch.no_grad()
-    def init_b_dec_(self, sample_ND: Tensor) -> None:
-        """b_dec = geometric median of a sample of activations (Gao et al.)."""
-        self.b_dec.copy_(geometric_median(check_input("init_b_dec_", sample_ND, self.cfg.d_in, torch.float32)))
 
     def encode_topk(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending."""
@@ -94,23 +82,12 @@ class TopKSAE(nn.Module):
         """Dense latents [..., F]."""
         return self(x).latents
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Dense latents [..., F] -> x_hat [..., D] (the obvious, dense decode)."""
-        return latents @ self.W_dec + self.b_dec
-
     def forward(self, x: Tensor) -> TopKOutput:
         lead = x.shape[:-1]
         flat = check_input(type(self).__name__, x, self.cfg.d_in, self.W_enc.dtype)
         acts, idx, pre = self.encode_topk(flat)
         x_hat = self.decode_sparse(acts, idx).to(x.dtype)
         return TopKOutput(x_hat.reshape(*lead, -1), acts.reshape(*lead, -1), idx.reshape(*lead, -1), pre.reshape(*lead, -1))
-
-    # training hooks the shared loop calls around each optimiser step
-    def before_step_(self) -> None:
-        remove_parallel_grad_(self.W_dec)
-
-    def after_step_(self) -> None:
-        unit_norm_rows_(self.W_dec)
 
     def config_dict(self) -> dict:
         return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae, "k": self.cfg.k}
