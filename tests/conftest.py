@@ -63,3 +63,13 @@ def model(hf_model):
 @pytest.fixture
 def ids():
     return torch.randint(0, VOCAB - 1, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a loaded
+    two-core machine two threads made the SAE training tests many times (up to 30x) slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

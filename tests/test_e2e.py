@@ -18,13 +18,7 @@ from nbfeatures.sae.topk import TopKConfig, TopKSAE
 from nbfeatures.train import TrainConfig, train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a loaded two-core machine made the training test 30x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SITE = "blocks.0.hook_resid_post"
 

@@ -13,13 +13,7 @@ from nbfeatures.sae.io import load_sae, save_sae
 from nbfeatures.train import TrainConfig, train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on a loaded two-core machine made the training tests many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("estimator", ["ste", "sigmoid_ste", "reference"])

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import evaluate_stories, evaluate_tokfsm
 from .models import RECIPES, TrainConfig
+from .provenance import run_info, weights_info
 
 ZOO_DIR = Path(__file__).parent
 
@@ -91,20 +88,14 @@ def save(name: str, out: Path, model, cfg: TrainConfig, history: list, metrics: 
     weights = out / "model.safetensors"
     card = {
         "name": name,
-        "architecture": type(model).__name__,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "weights_bytes": weights.stat().st_size,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        **weights_info(model, weights),
         "train_config": dataclasses.asdict(cfg),
         "tokens_seen": history[-1]["tokens"],
         "final_train_loss": history[-1]["smooth_loss"],
         "wall_time_s": round(wall_s, 1),
-        "hardware": {"device": "cpu", "processor": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "torch_threads": threads},  # fmt: skip
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        **run_info(threads),
         "metrics": metrics,
         "command": f"python -m nbfeatures.zoo.train {name} --steps {cfg.steps} --threads {threads}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loss_curve": [(r["step"], round(r["smooth_loss"], 4)) for r in history[::4]],
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")

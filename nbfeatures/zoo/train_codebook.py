@@ -19,11 +19,9 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ from ..data.tokfsm import TokFSM, first_transition_accuracy
 from .evaluate import VAL_SEED, evaluate_tokfsm, mean_loss, topic_stay_rate
 from .models import RECIPES, StoriesStream, TokFSMStream
 from .models import TrainConfig as StreamConfig
+from .provenance import run_info
 
 
 @dataclass(frozen=True)
@@ -176,12 +175,9 @@ def save(name: str, recipe: CodebookRecipe, out: Path, cb: CodebookModel, histor
         "final_train": {k: round(float(v), 5) for k, v in last.items() if k in ("ce", "codebook_mse", "loss")},
         "codes_used_last_batch": {k.removeprefix("codes_used/"): round(float(v), 4) for k, v in last.items() if k.startswith("codes_used/")},
         "wall_time_s": round(wall_s, 1),
-        "hardware": {"device": "cpu", "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                     "torch_threads": threads},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        **run_info(threads),
         "metrics": metrics,
         "command": f"python -m nbfeatures.zoo.train_codebook {name} --steps {recipe.steps} --n-codes {recipe.n_codes} --threads {threads}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loss_curve": [(int(r["step"]), round(float(r["ce"]), 4)) for r in history[::3]],
     }
     save_json(tmp / "model_card.json", card)

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..data.counting import Counting, count_accuracy
 from .models import TrainConfig
+from .provenance import run_info, weights_info
 
 ZOO_DIR = Path(__file__).parent
 TRAIN = TrainConfig(steps=2500, batch_size=64, lr=3e-3, warmup_steps=100)
@@ -98,21 +95,15 @@ def save(out: Path, model, cfg: TrainConfig, history: list, metrics: dict, wall_
     weights = out / "model.safetensors"
     card = {
         "name": "counting",
-        "architecture": type(model).__name__,
         "task": dataclasses.asdict(Counting()),
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "weights_bytes": weights.stat().st_size,
-        "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        **weights_info(model, weights),
         "train_config": dataclasses.asdict(cfg),
         "sequences_seen": cfg.steps * cfg.batch_size,
         "final_train_loss": history[-1]["smooth_loss"],
         "wall_time_s": round(wall_s, 1),
-        "hardware": {"device": "cpu", "processor": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "torch_threads": threads},  # fmt: skip
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        **run_info(threads),
         "metrics": metrics,
         "command": f"nice -n 10 python -m nbfeatures.zoo.train_counting --steps {cfg.steps} --threads {threads}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loss_curve": [(r["step"], round(r["smooth_loss"], 4)) for r in history[::4]],
     }
     (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")

@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +28,7 @@ from ..data.counting import Counting
 from ..data.tokfsm import TokFSM
 from ..inversion import DecoderConfig, DecoderTrainConfig, InversionDecoder, PairSource, default_sites, save_decoder, site_widths
 from ..sites import load_model
+from .provenance import run_info
 
 ZOO_DIR = Path(__file__).parent
 TOKFSM_LEN = 25  # BOS + 12 states
@@ -106,11 +104,8 @@ def main(argv=None):
         "probed_model": args.name, "train_config": dataclasses.asdict(cfg), "pairs_seen": cfg.steps * cfg.batch_size,
         "final_train_loss": history[-1]["smooth_loss"], "wall_time_s_this_run": round(wall_s, 1),
         "wall_time_s_total": round(history[-1]["elapsed_s"], 1),
-        "hardware": {"device": "cpu", "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                     "torch_threads": args.threads},
-        "versions": {"torch": torch.__version__},
+        **run_info(args.threads),
         "command": f"nice -n 10 python -m nbfeatures.zoo.train_inversion {args.name} --steps {cfg.steps} --threads {args.threads}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "loss_curve": [(r["step"], round(r["smooth_loss"], 4)) for r in history[::4]],
     }  # fmt: skip
     save_decoder(decoder, out, {"card": card})

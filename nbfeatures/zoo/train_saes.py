@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from ..sae.e2e import E2EObjective, finetune_kl_mse, warm_start_
 from ..sae.io import load_sae, save_sae
 from ..sae.topk import TopKConfig, TopKObjective, TopKSAE
 from ..train import TrainConfig, train_sae
+from .provenance import run_info
 
 SAE_DIR = Path(__file__).parent / "saes" / "stories"
 E2E_SITE = "blocks.1.hook_resid_pre"
@@ -71,10 +70,8 @@ def _save(run: str, out: Path, sae, site: str, recipe: dict, history, wall_s: fl
     save_sae(sae, folder, hook_name=site, model_name="stories")
     save_json(folder / "card.json", {
         "run": run, "site": site, "model": "stories", "recipe": recipe, "last_logged": last,
-        "wall_time_s": round(wall_s, 1), "hardware": {"device": "cpu", "processor": platform.processor() or platform.machine(),
-                                                       "torch_threads": threads},
+        "wall_time_s": round(wall_s, 1), **run_info(threads),
         "command": f"python -m nbfeatures.zoo.train_saes --only {run} --threads {threads}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })  # fmt: skip
 
 
