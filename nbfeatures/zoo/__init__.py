@@ -93,7 +93,8 @@ def _load_checked(folder: Path):
         raise ValueError(f"{folder} has no weights (expected one of {list(WEIGHT_FILES)}); files there: {files}")
     # Load leniently, then refuse anything transformers would have filled with random values.
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
-    problems = [f"{k}: saved {tuple(saved)}, config expects {tuple(want)}" for k, saved, want in info["mismatched_keys"]]
+    mismatched = sorted(info["mismatched_keys"], key=lambda m: m[0])  # by name: the same message on every run
+    problems = [f"{k}: saved {tuple(saved)}, config expects {tuple(want)}" for k, saved, want in mismatched]
     problems += [f"{k}: the config's model needs it but the weights lack it" for k in sorted(info["missing_keys"])]
     problems += [f"{k}: in the weights but not in the model the config builds" for k in sorted(info["unexpected_keys"])]
     if problems:
