@@ -16,6 +16,7 @@ M decoder width, H heads.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -515,14 +516,19 @@ def feature_query(W_dec_FD: Tensor, index: int, scale: float, b_dec_D: Tensor | 
 
 def panel_callables(decoder: InversionDecoder, model: S.Model, vocab: Sequence[str], encode: Callable[[str], list[int]], *,
                     n_per_temperature: int = 32, noise: float = 0.0, metric: str = "euclidean", seed: int = 0):  # fmt: skip
-    """(sample, tokenize) for `widgets.inversion.InversionPanel`: token strings in, token strings out."""
+    """(sample, tokenize) for `widgets.inversion.InversionPanel`: token strings in, token strings out.
+
+    Each call draws fresh samples (call i uses seed + i), so pressing Sample again shows new ones; the sequence of
+    draws is reproducible from `seed`.
+    """
+    calls = itertools.count()
 
     def tokenize(text: str) -> list[str]:
         return [vocab[t] for t in encode(text)]
 
     def sample_fn(text: str, site: str, position: int, temperature: float) -> InversionSamples:
         out = sample(decoder, model, site, query=torch.tensor(encode(text)), position=position, temperatures=(temperature,),
-                     n_per_temperature=n_per_temperature, noise=noise, metric=metric, seed=seed)  # fmt: skip
+                     n_per_temperature=n_per_temperature, noise=noise, metric=metric, seed=seed + next(calls))  # fmt: skip
         return out._replace(tokens=[[vocab[t] for t in row] for row in out.tokens])
 
     return sample_fn, tokenize

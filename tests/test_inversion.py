@@ -309,5 +309,14 @@ def test_panel_headless(gpt2, trained, figure_mode):
     assert calls[-1][2] == 1 and "position 1" in panel.query_view.value
     panel.query.value = "w5 w6 w7"  # a new query: the position moves to its last token and samples once
     assert calls[-1] == ("w5 w6 w7", SITE, 3, 1.0) and len(calls) == 3 and panel.position.max == 3
+    # pressing Sample again with the same controls draws fresh samples (the figure changes), not a replay
+    before = [list(t.text) for t in panel.fig.data if getattr(t, "text", None) is not None]
+    panel.sample_button.click()
+    after = [list(t.text) for t in panel.fig.data if getattr(t, "text", None) is not None]
+    assert len(calls) == 4 and calls[-1] == calls[-2] and before != after
+    # the draws are reproducible from the base seed
+    first, _ = panel_callables(trained[0], gpt2, vocab, encode, n_per_temperature=8)
+    again, _ = panel_callables(trained[0], gpt2, vocab, encode, n_per_temperature=8)
+    assert [first("w3", SITE, 1, 1.0).tokens for _ in range(2)] == [again("w3", SITE, 1, 1.0).tokens for _ in range(2)]
     with pytest.raises(ValueError, match="unknown site"):
         spy("w1", "blocks.9.hook_mlp_out", 1, 1.0)
