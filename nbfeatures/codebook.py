@@ -9,7 +9,12 @@
 A grouped layer holds one codebook per attention head and quantises per-head outputs
 [..., H, E] (the site `blocks.{i}.attn.hook_z`), as the paper's attention codebooks do.
 
-Dimension key: N tokens, G groups (heads), E width per group, C codes, K codes chosen.
+At inference the search can be approximate (`layer.use_ivf(IVFConfig(...))`): an inverted-file index, the
+codes clustered into L lists by spherical k-means, each token scored against the codes of the `n_probe` lists
+nearest to it only (FAISS's IndexIVFFlat in spirit; the paper's speed appendix uses FAISS search). With
+n_probe = L it returns exactly the exact search's codes. Training always searches exactly.
+
+Dimension key: N tokens, G groups (heads), E width per group, C codes, K codes chosen, L lists, P lists probed.
 """
 
 from __future__ import annotations
@@ -43,6 +48,124 @@ class CodebookConfig:
             raise ValueError(f"replace_after must be >= 0, got {self.replace_after}")
 
 
+@dataclass(frozen=True)
+class IVFConfig:
+    """Approximate inference search: score each token against the codes of its `n_probe` nearest lists only."""
+
+    n_lists: int = 0  # lists per codebook; 0: about sqrt(n_codes)
+    n_probe: int = 4  # lists searched per token (n_probe = n_lists: exact)
+    iters: int = 10  # spherical k-means iterations when the index is built
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.n_lists < 0 or self.n_probe <= 0 or self.iters < 0:
+            raise ValueError(f"IVFConfig needs n_lists >= 0, n_probe > 0, iters >= 0; got {self}")
+
+
+class IVFIndex(NamedTuple):
+    centroids: Tensor  # [G, L, E] unit list centroids
+    codes: Tensor  # [G*C, E] the unit codes of all groups, sorted by list (list x = g * L + l)
+    ids: Tensor  # [G*C] each sorted code's id within its group
+    starts: list[int]  # X + 1 offsets: list x holds codes[starts[x]:starts[x + 1]]
+    version: tuple  # the codebook it was built from (data pointer, in-place version), to detect staleness
+
+
+def build_ivf(codebook_GCE: Tensor, n_lists: int, iters: int = 10, seed: int = 0) -> IVFIndex:
+    """Cluster each group's unit codes into `n_lists` lists (spherical k-means seeded from random codes)."""
+    G, C, E = codebook_GCE.shape
+    if not 0 < n_lists <= C:
+        raise ValueError(f"n_lists must be in 1..n_codes={C}, got {n_lists}")
+    cn = F.normalize(codebook_GCE.detach().float(), dim=-1)
+    gen = torch.Generator().manual_seed(seed)
+    cents = torch.stack([cn[g, torch.randperm(C, generator=gen)[:n_lists].to(cn.device)] for g in range(G)])  # [G, L, E]
+    for _ in range(iters):
+        assign = argmax_last(torch.bmm(cn, cents.transpose(1, 2)))[1][..., 0]  # [G, C]
+        sums = torch.zeros_like(cents).scatter_add_(1, assign[..., None].expand(G, C, E), cn)
+        filled = sums.norm(dim=-1, keepdim=True) > 0
+        cents = torch.where(filled, F.normalize(sums, dim=-1), cents)  # an empty list keeps its centroid
+    assign = argmax_last(torch.bmm(cn, cents.transpose(1, 2)))[1][..., 0]
+    flat = (assign + torch.arange(G, device=cn.device)[:, None] * n_lists).reshape(-1)  # list of each code, all groups
+    order = torch.argsort(flat, stable=True)
+    starts = [0] + torch.cumsum(torch.bincount(flat, minlength=G * n_lists), 0).tolist()
+    return IVFIndex(cents, cn.reshape(G * C, E)[order].contiguous(), order % C, starts,
+                    (codebook_GCE.data_ptr(), codebook_GCE._version))
+
+
+def exact_topk(q_GNE: Tensor, cn_GCE: Tensor, k: int, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Top-k cosine (sims, ids) [G, N, K] of unit queries against unit codes, in token chunks whose [G, n, C]
+    score block stays in cache, 4 MB (the full [G, N, C] matrix is memory-bound to write and read)."""
+    G, N, _ = q_GNE.shape
+    C = cn_GCE.shape[1]
+    step = max(32, (1 << 20) // max(1, G * C))
+    sims = torch.empty(G, N, k, device=q_GNE.device)
+    ids = torch.empty(G, N, k, dtype=torch.long, device=q_GNE.device)
+    mask = exclude_GC.to(q_GNE.device)[:, None] if exclude_GC is not None else None
+    for i in range(0, N, step):
+        cos = torch.bmm(q_GNE[:, i:i + step], cn_GCE.transpose(1, 2))
+        if mask is not None:
+            cos = cos.masked_fill(mask, float("-inf"))
+        if k == 1:
+            sims[:, i:i + step], ids[:, i:i + step] = argmax_last(cos)
+        else:
+            sims[:, i:i + step], ids[:, i:i + step] = cos.topk(k, dim=-1)
+    return sims, ids
+
+
+def argmax_last(s: Tensor) -> tuple[Tensor, Tensor]:
+    """`s.max(-1, keepdim=True)` (values, indices), about twice as fast on CPU.
+
+    torch's max-with-indices reduction is not vectorised there; amax is. The maximum's position is then read with
+    a matrix-vector product: w = clamp(s - max + 1e-30, 0) is 1e-30 at the maxima and 0 elsewhere (any other
+    float32 entry sits at least one ulp below), so w @ arange gives the index and w.sum() the count. Rows with a
+    tie or no finite entry go through torch.max itself, so the result always equals it."""
+    m = s.amax(-1, keepdim=True)
+    w = (s - m).add_(1e-30).clamp_(min=0)
+    C = s.shape[-1]
+    idx = (w @ torch.arange(C, dtype=s.dtype, device=s.device)).mul_(1e30)
+    cnt = w.sum(-1).mul_(1e30)
+    ids = idx.round().long().clamp_(0, C - 1)[..., None]
+    odd = (cnt - 1).abs() > 0.25  # a tie, or a row of -inf/NaN: torch.max decides
+    if odd.any():
+        m[odd], ids[odd] = s[odd].max(-1, keepdim=True)
+    return m, ids
+
+
+def ivf_topk(index: IVFIndex, q_GNE: Tensor, k: int, n_probe: int, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Approximate top-k: (sims [G, N, K], ids [G, N, K], unsure [N]). The (token, probed list) pairs are sorted by
+    list and each list scores its own tokens against its own codes in one matmul, whatever the loads are. Rows
+    marked unsure (fewer than k finite candidates, e.g. all probed codes excluded) must be searched exactly."""
+    G, N, E = q_GNE.shape
+    L = index.centroids.shape[1]
+    P = min(n_probe, L)
+    dev = q_GNE.device
+    probe = torch.bmm(q_GNE, index.centroids.transpose(1, 2)).topk(P, dim=-1).indices  # [G, N, P]
+    lists = (probe + torch.arange(G, device=dev)[:, None, None] * L).reshape(-1)  # [G*N*P] list of each pair
+    order = torch.argsort(lists, stable=True)
+    q_sorted = q_GNE.reshape(G * N, E)[order // P]  # pair (g, n, p) is flat index (g * N + n) * P + p
+    bounds = [0] + torch.cumsum(torch.bincount(lists, minlength=G * L), 0).tolist()
+    kk = min(k, max(b - a for a, b in zip(index.starts, index.starts[1:])))
+    cand_v = torch.full((len(lists), kk), float("-inf"), device=dev)
+    cand_i = torch.zeros(len(lists), kk, dtype=torch.long, device=dev)
+    for x in range(G * L):
+        a, b, ca, cb = bounds[x], bounds[x + 1], index.starts[x], index.starts[x + 1]
+        if a == b or ca == cb:
+            continue
+        sc = q_sorted[a:b] @ index.codes[ca:cb].T
+        if exclude_GC is not None:
+            sc = sc.masked_fill(exclude_GC[x // L, index.ids[ca:cb]].to(dev), float("-inf"))
+        j = min(kk, cb - ca)
+        v, i = argmax_last(sc) if j == 1 else sc.topk(j, dim=-1)
+        cand_v[a:b, :j], cand_i[a:b, :j] = v, index.ids[ca:cb][i]
+    flat_v, flat_i = torch.empty_like(cand_v), torch.empty_like(cand_i)
+    flat_v[order], flat_i[order] = cand_v, cand_i
+    flat_v, flat_i = flat_v.view(G, N, P * kk), flat_i.view(G, N, P * kk)
+    if k > P * kk:
+        raise ValueError(f"IVF search finds at most n_probe * (longest list) = {P * kk} codes per token, k={k}")
+    sims, pick = argmax_last(flat_v) if k == 1 else flat_v.topk(k, dim=-1)
+    ids = flat_i.gather(-1, pick)
+    return sims, ids, ~torch.isfinite(sims).all(-1).all(0)
+
+
 class CodebookOutput(NamedTuple):
     x_hat: Tensor  # [..., (G,) E] what the model sees: the codes' sum, with a straight-through gradient
     codes: Tensor  # [..., (G,) K] chosen code ids, most similar first
@@ -72,6 +195,8 @@ class CodebookLayer(nn.Module):
         self.register_buffer("counts", torch.zeros(cfg.n_groups, cfg.n_codes, dtype=torch.long), persistent=False)
         self._recent: Tensor | None = None  # a batch of normalised inputs, for dead-code replacement
         self._steps = 0
+        self.ivf: IVFConfig | None = None  # approximate inference search (see use_ivf)
+        self._index: IVFIndex | None = None
 
     def _grouped(self, x: Tensor) -> Tensor:
         """[..., G, E] (or [..., E] when G = 1) -> [N, G, E]."""
@@ -84,16 +209,32 @@ class CodebookLayer(nn.Module):
         return x.reshape(-1, G, E)
 
     def snap(self, xn_NGE: Tensor, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Cosine top-k: (ids [N, G, K], sims [N, G, K]); codes marked in `exclude_GC` cannot be chosen."""
-        # [G, N, C] straight from a batched matmul: no permuted copy of the (large) similarity matrix
-        cos = torch.bmm(F.normalize(xn_NGE, dim=-1).transpose(0, 1), F.normalize(self.codebook, dim=-1).transpose(1, 2))
-        if exclude_GC is not None:
-            cos = cos.masked_fill(exclude_GC.to(cos.device)[:, None], float("-inf"))
-        if self.cfg.k == 1:
-            sims, ids = cos.max(dim=-1, keepdim=True)  # much cheaper than topk
-        else:
-            sims, ids = cos.topk(self.cfg.k, dim=-1)
+        """Cosine top-k: (ids [N, G, K], sims [N, G, K]); codes marked in `exclude_GC` cannot be chosen.
+
+        Exact while training; in eval mode the IVF index is used when one is set (`use_ivf`)."""
+        q = F.normalize(xn_NGE, dim=-1).transpose(0, 1).contiguous()  # [G, N, E]
+        cn = F.normalize(self.codebook.detach(), dim=-1)
+        k = self.cfg.k
+        if self.ivf is None or self.training:
+            sims, ids = exact_topk(q, cn, k, exclude_GC)
+            return ids.transpose(0, 1), sims.transpose(0, 1)
+        index = self._index
+        if index is None or index.version != (self.codebook.data_ptr(), self.codebook._version):  # built, or stale
+            n_lists = self.ivf.n_lists or max(1, round(self.cfg.n_codes**0.5))
+            index = self._index = build_ivf(self.codebook, min(n_lists, self.cfg.n_codes), self.ivf.iters, self.ivf.seed)
+        sims, ids, unsure = ivf_topk(index, q, k, self.ivf.n_probe, exclude_GC)
+        if unsure.any():
+            rows = unsure.nonzero().flatten()
+            sims[:, rows], ids[:, rows] = exact_topk(q[:, rows], cn, k, exclude_GC)
         return ids.transpose(0, 1), sims.transpose(0, 1)
+
+    def use_ivf(self, ivf: IVFConfig | None = IVFConfig()) -> CodebookLayer:
+        """Search with an IVF index in eval mode (None: exact search again). The index is (re)built lazily from the
+        current codebook, so loading new weights or training never leaves a stale index behind."""
+        if ivf is not None and not isinstance(ivf, IVFConfig):
+            raise TypeError(f"use_ivf takes an IVFConfig or None, got {type(ivf).__name__}")
+        self.ivf, self._index = ivf, None
+        return self
 
     def lookup(self, ids_NGK: Tensor) -> Tensor:
         """Sum (or mean) of the chosen codes [N, G, E]; differentiable in the codebook."""

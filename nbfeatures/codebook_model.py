@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import sites
 from ._io import load_json, load_tensors, save_json, save_tensors
-from .codebook import CodebookConfig, CodebookLayer, codebook_mse
+from .codebook import CodebookConfig, CodebookLayer, IVFConfig, codebook_mse
 from .edits import Positions, Splice
 
 
@@ -148,6 +148,12 @@ class CodebookModel(nn.Module):
     def generate(self, inputs: Any, interventions: Sequence[Any] = (), **kwargs: Any) -> sites.GenerateOutput:
         """Generate with the codebooks (and interventions) in place at every forward pass."""
         return sites.generate(self.model, inputs, self.edits(interventions), **kwargs)
+
+    def use_ivf(self, ivf: IVFConfig | None = IVFConfig()) -> CodebookModel:
+        """Approximate (IVF) code search in eval mode at every codebook; None: exact again. See CodebookLayer.use_ivf."""
+        for layer in self.codebooks.values():
+            layer.use_ivf(ivf)
+        return self
 
     def param_groups(self, lr: float) -> list[dict]:
         groups = [{"params": list(self.codebooks.parameters()), "lr": lr}]

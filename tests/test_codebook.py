@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbfeatures.codebook import CodebookConfig, CodebookLayer, codebook_mse
+from nbfeatures.codebook import CodebookConfig, CodebookLayer, IVFConfig, argmax_last, build_ivf, codebook_mse, exact_topk
 
 
 def naive(layer, x):
@@ -125,3 +125,93 @@ def test_bad_input():
     layer = CodebookLayer(CodebookConfig(8, 20, n_groups=2))
     with pytest.raises(ValueError, match=r"input ends in \[3, 8\].*expected \[2, 8\]"):
         layer(torch.randn(4, 3, 8))
+
+
+# ---- fast search paths against the obvious ones ----
+
+def test_argmax_last_equals_torch_max_including_ties_and_empty_rows():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 50, 700, generator=gen)
+    s[0, 0] = 0.25  # a row of ties
+    s[0, 1, 5] = s[0, 1, 9] = s[0, 1].max() + 1  # a two-way tie at the top
+    s[1, 2] = float("-inf")  # every code excluded
+    s[1, 3, :600] = float("-inf")
+    s[2, 4] = s[2, 4] * 1e-6  # tiny gaps
+    v, i = argmax_last(s)
+    v_ref, i_ref = s.max(-1, keepdim=True)
+    assert torch.equal(i, i_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_chunked_exact_search_equals_one_full_matrix(k):
+    gen = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(2, 3000, 16, generator=gen), dim=-1)
+    cn = F.normalize(torch.randn(2, 900, 16, generator=gen), dim=-1)  # 3000 tokens: several chunks
+    exclude = torch.rand(2, 900, generator=gen) < 0.3
+    sims, ids = exact_topk(q, cn, k, exclude)
+    full = torch.bmm(q, cn.transpose(1, 2)).masked_fill(exclude[:, None], float("-inf")).topk(k, dim=-1)
+    assert torch.equal(ids, full.indices)
+    torch.testing.assert_close(sims, full.values)
+
+
+def clustered(G, C, E, n, seed, spread=0.3, noise=0.3):
+    """Codes around 40 centres, inputs near random codes: the structure an IVF index exploits."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(G, 40, E, generator=gen), dim=-1)
+    codes = centres[:, torch.randint(40, (C,), generator=gen)] + spread * torch.randn(G, C, E, generator=gen) / E**0.5
+    x = codes[:, torch.randint(C, (n,), generator=gen)] + noise * torch.randn(G, n, E, generator=gen) / E**0.5
+    return codes, x.transpose(0, 1)
+
+
+@pytest.mark.parametrize("G,k", [(1, 1), (3, 1), (3, 4)])
+def test_ivf_probing_every_list_is_exact(G, k):
+    codes, x = clustered(G, 500, 24, 400, seed=G + k)
+    layer = CodebookLayer(CodebookConfig(24, 500, k=k, n_groups=G)).eval()
+    layer.codebook.data = codes * 24**0.5
+    x = x if G > 1 else x[:, 0]
+    exact = layer(x)
+    exclude = torch.zeros(G, 500, dtype=torch.bool)
+    exclude[:, exact.codes.reshape(-1, G, k)[:50, :, 0].flatten().unique()] = True  # bar some popular codes
+    exact_ex = layer(x, exclude=exclude)
+    layer.use_ivf(IVFConfig(n_lists=20, n_probe=20))
+    out, out_ex = layer(x), layer(x, exclude=exclude)
+    assert torch.equal(out.codes, exact.codes) and torch.equal(out_ex.codes, exact_ex.codes)
+    torch.testing.assert_close(out.sims, exact.sims)
+    torch.testing.assert_close(out.x_hat, exact.x_hat)
+
+
+def test_ivf_finds_most_nearest_codes_with_few_probes():
+    codes, x = clustered(2, 2000, 32, 3000, seed=5, spread=1.0, noise=0.8)
+    layer = CodebookLayer(CodebookConfig(32, 2000, k=1, n_groups=2)).eval()
+    layer.codebook.data = codes
+    exact = layer(x).codes
+    layer.use_ivf(IVFConfig(n_probe=4))  # 45 lists of about 44 codes: a token scores ~45 + 4 * 44 codes, not 2000
+    approx = layer(x).codes
+    agree = (approx == exact).float().mean().item()
+    assert 0.9 <= agree < 1.0, agree  # approximate, yet mostly right
+    layer.use_ivf(IVFConfig(n_probe=12))
+    assert (layer(x).codes == exact).float().mean().item() > agree  # more probes, closer to exact
+    starts = layer._index.starts
+    assert len(starts) == 2 * 45 + 1 and starts[-1] == 2 * 2000
+
+
+def test_ivf_index_follows_the_codebook_and_training_searches_exactly():
+    codes, x = clustered(1, 300, 16, 200, seed=7)
+    layer = CodebookLayer(CodebookConfig(16, 300, k=1)).eval().use_ivf(IVFConfig(n_lists=10, n_probe=10))
+    layer.codebook.data = codes
+    first = layer(x[:, 0]).codes
+    built = layer._index
+    with torch.no_grad():
+        layer.codebook[0, first[:, 0]] *= -1  # edit the codes in place: the index must notice
+    second = layer(x[:, 0]).codes
+    assert layer._index is not built and not torch.equal(first, second)
+    layer.use_ivf(None)
+    assert torch.equal(second, layer(x[:, 0]).codes)
+    layer.train().use_ivf(IVFConfig(n_lists=10, n_probe=1))
+    assert torch.equal(layer(x[:, 0]).codes, second) and layer._index is None  # training never uses the index
+    with pytest.raises(TypeError, match="IVFConfig or None"):
+        layer.use_ivf({"n_probe": 2})
+    with pytest.raises(ValueError, match="n_probe > 0"):
+        IVFConfig(n_probe=0)
+    with pytest.raises(ValueError, match="n_lists must be in 1..n_codes=300"):
+        build_ivf(layer.codebook, 301)
