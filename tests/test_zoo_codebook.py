@@ -10,7 +10,7 @@ from nbfeatures.codebook_model import CodebookModel, load_codebook_model
 from nbfeatures.data import TokFSM, first_transition_accuracy
 from nbfeatures.zoo.train_codebook import CODEBOOK_RECIPES, main as train_main
 
-SHIPPED = ["tokfsm-codebook", "tokfsm-codebook-k4", "stories-codebook"]
+SHIPPED = ["tokfsm-codebook", "tokfsm-codebook-attn", "tokfsm-codebook-k4", "stories-codebook"]
 
 
 def test_codebook_models_are_listed_next_to_the_base_models():

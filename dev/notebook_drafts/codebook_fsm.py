@@ -26,7 +26,7 @@ t0 = time.perf_counter()
 torch.manual_seed(0)
 fsm = TokFSM()
 base = sites.load_model("tokfsm")
-VARIANTS = ["tokfsm-codebook", "tokfsm-codebook-k4"]
+VARIANTS = ["tokfsm-codebook-attn", "tokfsm-codebook", "tokfsm-codebook-k4"]
 cbs = {name: load_codebook_model(name) for name in VARIANTS}   # one call: finetuned model + codebooks
 cb = cbs["tokfsm-codebook"]
 L = sites.unwrap(base).config.num_hidden_layers
@@ -46,15 +46,18 @@ def logits_fn(m):
             return m.run(ids).logits.float()
     return run
 
-# Live: first-transition accuracy (100 states x their top-10 next states, one batched pass).
-# From the model cards: transition accuracy of 2048 sampled transitions, measured on the shipped folders.
+# Live, on held-out prefixes: transition accuracy of 32 prefixes x 8 sampled states (256 transitions; the cards
+# hold the same measure on 256 prefixes), and first-transition accuracy (100 states x their top-10 next states).
+live = lambda run: transition_accuracy(run, fsm, n=32, seed=20_000)  # noqa: E731
 rows = [{"model": "tokfsm", "codebooks": "none", "k": None, "finetune steps": 0,
+         "transition acc": live(sites.unwrap(base)),
          "transition acc (card)": zoo.card("tokfsm")["metrics"]["transition_accuracy"],
          "first-transition acc": first_transition_accuracy(sites.unwrap(base), fsm)}]
 for name, m in cbs.items():
     card = zoo.card(name)
     r = card["recipe"]
     rows.append({"model": name, "codebooks": "attn + MLP" if r["mlp"] else "attn only", "k": r["k"], "finetune steps": r["steps"],
+                 "transition acc": live(logits_fn(m)),
                  "transition acc (card)": card["metrics"]["transition_accuracy"],
                  "first-transition acc": first_transition_accuracy(logits_fn(m), fsm),
                  "first-transition acc, codebooks off (card)": card["metrics"]["no_codebooks_first_transition_accuracy"]})
@@ -63,7 +66,7 @@ acc
 """),
 ("md", "At this scale the codebooks cost accuracy, less than in the paper at k = 1 (we finetune a trained model instead of training from scratch). The k = 4 model here had fewer finetuning steps than the k = 1 model (120 against 200, see the table) and ends slightly below it, so it does not show the paper's recovery with larger k: the comparison is not at equal training."),
 ("code", """
-fig = px.bar(acc.reset_index(), x="model", y=["transition acc (card)", "first-transition acc"], barmode="group",
+fig = px.bar(acc.reset_index(), x="model", y=["transition acc", "first-transition acc"], barmode="group",
              title="TokFSM accuracy with and without codebooks", range_y=[0, 1.05])
 fig.update_layout(height=330, template="plotly_white", legend_title_text="")
 fig
@@ -191,7 +194,7 @@ panel.site.value = "all sites"     # state 07's codes in every codebook; pick on
 panel.force()
 panel
 """),
-("md", "Where the next-state mass goes when state 07's codes are forced into state 40's second digit: in every codebook, in all MLP codebooks, in one MLP layer at a time. The first digit `4` still sits one position earlier, unforced, and the second digit of the next state is read from both positions, so even forcing every codebook moves only part of the mass."),
+("md", "Where the next-state mass goes when state 07's codes are forced into state 40's second digit: in every codebook, in all MLP codebooks, in one MLP layer at a time. The first digit `4` still sits one position earlier, unforced, and the second digit of the next state is read from both positions, so forcing takes the mass off 40's out-edges but only part of it lands on 07's: the rest goes to states that are neither. Compare section 3: there every codebook (every head's too) gets the exact codes another context chose at that position, and the patched model follows that context almost exactly; here each codebook gets one code picked by its label, a blunter tool."),
 ("code", """
 def mass(p, s): return float(p[fsm.edges[s]].sum())
 seven = state_codes_of(7)
@@ -213,7 +216,10 @@ assert summary["code precision"] - summary["best neuron precision at matched rec
 assert norm_jsd["none"] == 1.0
 assert norm_jsd["all MLP"] <= 0.40 and norm_jsd["all MLP"] < norm_jsd["MLP layer 1"]
 assert norm_jsd["all attention + MLP"] <= norm_jsd["all MLP"] + 0.05
-assert forcing.loc["every codebook", "P(out-edge of 07)"] >= 0.25
-assert forcing.loc["all MLP layers", "P(out-edge of 07)"] > forcing.loc["none", "P(out-edge of 07)"] + 0.15
+# forcing 07's state codes takes the mass off 40's out-edges (measured 0.96 -> 0.10 in every codebook, 0.20 in the
+# MLP codebooks) and about doubles 07's (0.10 -> 0.20): the unforced first digit still points elsewhere
+assert forcing.loc["every codebook", "P(out-edge of 40)"] < 0.3 * forcing.loc["none", "P(out-edge of 40)"]
+assert forcing.loc["all MLP layers", "P(out-edge of 40)"] < 0.4 * forcing.loc["none", "P(out-edge of 40)"]
+assert forcing.loc["every codebook", "P(out-edge of 07)"] > 1.5 * forcing.loc["none", "P(out-edge of 07)"]
 """),
 ])

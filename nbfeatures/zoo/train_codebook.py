@@ -67,10 +67,11 @@ class CodebookRecipe:
 
 
 CODEBOOK_RECIPES = {
-    "tokfsm-codebook": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=1, steps=200, batch_size=32),
-    # Table 1's k = 4 variant and the language model, shorter (the shared 2-core machine's budget); cards record the steps
-    "tokfsm-codebook-k4": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=4, steps=120, batch_size=32),
-    "stories-codebook": CodebookRecipe("stories", attn=True, mlp=False, n_codes=1000, k=8, steps=60, batch_size=16),
+    # Table 1's rows at small scale, all with the same budget: attention-only k = 1, attention + MLP k = 1 and k = 4
+    "tokfsm-codebook": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=1, steps=600, batch_size=32),
+    "tokfsm-codebook-attn": CodebookRecipe("tokfsm", attn=True, mlp=False, n_codes=1000, k=1, steps=600, batch_size=32),
+    "tokfsm-codebook-k4": CodebookRecipe("tokfsm", attn=True, mlp=True, n_codes=1000, k=4, steps=600, batch_size=32),
+    "stories-codebook": CodebookRecipe("stories", attn=True, mlp=False, n_codes=1000, k=8, steps=600, batch_size=16),
 }
 
 
