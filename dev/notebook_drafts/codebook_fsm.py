@@ -37,7 +37,7 @@ print(cb.sites)
 ("md", """
 ## 1. Accuracy with and without codebooks
 
-Transition accuracy: continue real prefixes by sampling 8 new states; the fraction of valid transitions (measured on 256 prefixes by the training script and stored in each model card; re-measuring it here would take minutes). First-transition accuracy, measured live: for each state, the overlap of the model's top-10 next states with its true out-edges. We compare the base model with attention + MLP codebooks at k = 1 and k = 4 (the paper's Table 1: 96.8% without codebooks, 63.7% with attention + MLP codebooks at k = 1, 80.7% at k = 4). Our codebooks are short finetunes of an already trained model rather than trained from scratch, and the k = 4 model had fewer steps (the card says how many). Each codebook model is also measured with its codebooks switched off: its finetuned weights have come to rely on them.
+Transition accuracy: continue real prefixes by sampling 8 new states; the fraction of valid transitions, measured live on 32 held-out prefixes (256 transitions) next to the card's value (256 prefixes, measured by the training script on the shipped folder). First-transition accuracy: for each state, the overlap of the model's top-10 next states with its true out-edges. The rows follow the paper's Table 1: the base model; attention codebooks only, k = 1 (paper: 96.4% vs 96.8% without codebooks); attention + MLP codebooks at k = 1 (paper: 63.7%) and k = 4 (paper: 80.7%). Ours are finetunes of the trained `tokfsm` with the same budget (600 steps of 32 sequences each), not models trained from scratch. Each codebook model is also measured with its codebooks switched off (from its card): its finetuned weights have come to rely on them.
 """),
 ("code", """
 def logits_fn(m):
@@ -64,7 +64,7 @@ for name, m in cbs.items():
 acc = pd.DataFrame(rows).set_index("model")
 acc
 """),
-("md", "At this scale the codebooks cost accuracy, less than in the paper at k = 1 (we finetune a trained model instead of training from scratch). The k = 4 model here had fewer finetuning steps than the k = 1 model (120 against 200, see the table) and ends slightly below it, so it does not show the paper's recovery with larger k: the comparison is not at equal training."),
+("md", "Attention-only codebooks at k = 1 cost nothing measurable, as in the paper. Attention + MLP codebooks at k = 1 cost a few points, far fewer than the paper's drop to 63.7%: finetuning a trained model is gentler than training from scratch with the bottleneck. At equal finetuning, k = 4 lands where k = 1 does (within a point), so the paper's recovery with larger k has no room to show at this scale: we measured both and report them, the recovery is not reproduced."),
 ("code", """
 fig = px.bar(acc.reset_index(), x="model", y=["transition acc", "first-transition acc"], barmode="group",
              title="TokFSM accuracy with and without codebooks", range_y=[0, 1.05])
@@ -208,9 +208,13 @@ forcing.round(3)
 ("md", "## Checks\nThe numbers above, asserted (thresholds measured on these shipped models, with margin)."),
 ("code", """
 print(acc.round(3).to_string()); print(summary); print(norm_jsd); print(forcing.round(3).to_string()); print(f"{time.perf_counter() - t0:.0f} s")
-assert acc.loc["tokfsm", "first-transition acc"] >= 0.95
-assert acc.loc["tokfsm-codebook", "first-transition acc"] >= 0.85
-assert acc.loc["tokfsm-codebook-k4", "first-transition acc"] >= 0.80
+# Table 1 at small scale (measured live: base 1.000, attn-only k=1 0.992, attn+MLP k=1 0.953, k=4 0.95)
+ta = acc["transition acc"]
+assert ta["tokfsm"] >= 0.97 and acc.loc["tokfsm", "first-transition acc"] >= 0.95
+assert ta["tokfsm-codebook-attn"] >= ta["tokfsm"] - 0.03  # attention codebooks: as accurate as the base model
+assert ta["tokfsm-codebook"] < ta["tokfsm-codebook-attn"] and ta["tokfsm-codebook"] >= 0.90  # + MLP: drops more
+assert abs(ta["tokfsm-codebook-k4"] - ta["tokfsm-codebook"]) <= 0.04 and acc.loc["tokfsm-codebook-k4", "first-transition acc"] >= 0.90
+assert (acc["transition acc"] - acc["transition acc (card)"]).abs().max() <= 0.05  # live and card agree
 assert summary["code precision"] >= 0.90
 assert summary["code precision"] - summary["best neuron precision at matched recall"] >= 0.15
 assert norm_jsd["none"] == 1.0
