@@ -5,7 +5,7 @@ build(__import__("os").path.join(__import__("os").path.dirname(__file__), "..", 
 > Find topic and concept codes in the `stories-codebook` model automatically, compare them with the best neurons, and steer generations by forcing topic codes (Tamkin et al. 2023, §4-5, at toy scale).
 """),
 ("md", """
-`stories-codebook` is the shipped 4-layer `stories` GPT-2, briefly finetuned (60 steps on one CPU thread; its card has the numbers: validation loss 1.89 against the base model's 0.52) with one codebook per attention head on every layer (`blocks.{i}.attn.hook_z`, `C = 1000`, `k = 8`: each head's output is the sum of 8 codes). The story corpus plants ground truth: each story has one of 10 topics (dragon, fire, ..., snow) whose words fill it, and tokens carry concept labels (months, colours, names, emotions, pronouns...). Because the model's activations are sums of discrete codes, "which codes fire here" is a finite list we can search.
+`stories-codebook` is the shipped 4-layer `stories` GPT-2, finetuned with its codebooks in (600 steps of 16 stories on one CPU thread; its card has the numbers: validation loss 0.56 against the base model's 0.52) with one codebook per attention head on every layer (`blocks.{i}.attn.hook_z`, `C = 1000`, `k = 8`: each head's output is the sum of 8 codes). The story corpus plants ground truth: each story has one of 10 topics (dragon, fire, ..., snow) whose words fill it, and tokens carry concept labels (months, colours, names, emotions, pronouns...). Because the model's activations are sums of discrete codes, "which codes fire here" is a finite list we can search.
 """),
 ("code", """
 import time
@@ -161,7 +161,8 @@ print(best.to_string()); print(concepts.round(3).to_string()); print(steering.ro
 assert (best["share in topic"] - best["max share elsewhere"]).min() >= 0.15
 assert concepts["code precision"].mean() >= 0.45
 assert (concepts["code precision"] > concepts["best neuron precision"]).sum() >= 5
-assert (steering.steered > steering.baseline).sum() >= 5
-assert steering.steered.mean() - steering.baseline.mean() >= 0.25
+# steering (measured: 9 of 10 topics up, mean rate 0.11 -> 0.91; the paper's Table 3: e.g. dragon 2.5% -> 65%)
+assert (steering.steered > steering.baseline).sum() >= 8
+assert steering.steered.mean() - steering.baseline.mean() >= 0.6
 """),
 ])
