@@ -31,7 +31,7 @@ from .models import TrainConfig
 from .provenance import run_info, weights_info
 
 ZOO_DIR = Path(__file__).parent
-TRAIN = TrainConfig(steps=2500, batch_size=64, lr=3e-3, warmup_steps=100)
+TRAIN = TrainConfig(steps=10000, batch_size=64, lr=3e-3, warmup_steps=100)
 AUX = 0.5  # weight of the running-count loss at the letters
 
 
