@@ -36,7 +36,7 @@ held = story_windows(seed=1, n_stories=120)[:32]  # stories the model never saw
 held_acts = nbf.read_acts(model, held, BAE_SITES)
 acts.shape
 """),
-("md", "Train a BAE with 512 bits live, watching the reconstruction, the minibatch entropy (on after 60 steps) and the covariance penalty."),
+("md", "Train a BAE with 512 bits live, watching the reconstruction, the minibatch entropy (its penalty on after 60 steps) and the bits' covariance (logged; the shipped recipe does not penalise it, see the untangling section)."),
 ("code", """
 curves = LiveCurves({"reconstruction": ["fvu"], "minibatch entropy (bits)": ["entropy_bits"], "covariance": ["cov"]})
 curves
@@ -52,7 +52,7 @@ with torch.no_grad():
     live_fvu = metrics.fvu(bae(x_held).x_hat, x_held)
 {"held-out FVU": live_fvu, "entropy of the held-out set (bits)": feature_set_entropy(bae, x_held)}
 """),
-("md", "**Entropy across layers.** The shipped BAEs (one per residual stream, trained for 1000 steps by `python -m nbfeatures.zoo.train_saes`) estimate the entropy of the same held-out tokens at each depth."),
+("md", "**Entropy across layers.** The shipped BAEs (one per residual stream, trained for 3000 steps by `python -m nbfeatures.zoo.train_saes`) estimate the entropy of the same held-out tokens at each depth."),
 ("code", """
 baes = {s: load_sae(SAE_DIR / f"bae_{s}") for s in BAE_SITES}
 layers = pd.DataFrame([{"site": s, "entropy_bits": feature_set_entropy(baes[s], held_acts[s][:, 1:]),
@@ -102,8 +102,8 @@ untangle = pd.DataFrame(rows)
 px.bar(untangle, x="concept", y="f1", color="dictionary", barmode="group", title="Best single unit per planted concept (F1)").show()
 untangle.pivot(index="concept", columns="dictionary", values="f1").round(2)
 """),
-("md", "At this training budget (1000 steps on 300k tokens) the BAE's single bits do **not** untangle the planted concepts: its best bits score no better than an untrained BAE's hyperplanes, while the TopK SAE has a clean detector for most concepts. The paper trains far longer (2000 epochs over the cached set) and scores features by assigning each token to its top-10 deviating bits; neither is reproduced here."),
-("md", "**Dense features.** On the same activations: a ReLU SAE trained here with an L1 penalty, the shipped TopK SAE, and the BAE. Raw BAE bits look dense (many fire on more than 10% of tokens); counted by deviation from their usual state, few are."),
+("md", "The BAE's best single bits do untangle the planted concepts, though less cleanly than TopK latents: mean F1 about 0.39 against 0.23 for an untrained BAE's hyperplanes (better on 9 of 10 concepts, clearly so on colour, number, positive and negative words) and 0.69 for TopK, which the BAE beats on numbers and topic words. What made the difference is the entropy term: trained with reconstruction alone the best bits score 0.19, like random hyperplanes; with the entropy term at 3e-5 they score 0.39; stronger entropy (1e-4: 0.32, 1e-3: 0.19) or any covariance penalty (1e-5: 0.25) made them worse, so the shipped recipe uses the entropy term alone (measured at this site, 3000 steps; `nbfeatures/zoo/train_saes.py` records the sweep). The paper scores features differently (each token assigned to its top-10 deviating bits, after 2000 epochs); that is not reproduced here."),
+("md", "**Dense features.** On the same activations: a ReLU SAE trained here with an L1 penalty, the shipped TopK SAE, and the BAE. A BAE code is dense by construction (about 215 of its 512 bits are on for a token): most raw bits fire on more than 10% of tokens. Counted by deviation from their usual state (a usually-on bit switching off counts as firing), fewer are dense, but still far more than the SAEs' latents: the BAE trades sparsity for a 1-bit code, and its features are read by deviation, not by firing."),
 ("code", """
 relu = ReLUSAE(ReLUConfig(acts.shape[1], 512))
 relu.init_b_dec_(acts[:4096])
@@ -126,19 +126,21 @@ gallery
 ent = icl.pivot(index="context", columns="sequences", values="entropy_bits")
 f1 = untangle.pivot(index="concept", columns="dictionary", values="f1")
 by_site = layers.set_index("site").entropy_bits
-# the live BAE reconstructs and agrees with the shipped one's estimate (measured FVU 0.24; 78.6 vs 79.7 bits)
-assert live_fvu < 0.35 and 0.75 < feature_set_entropy(bae, x_held) / by_site[SITE] < 1.33
-# entropy grows with depth from block 1 on (measured 80, 109, 149, 272 bits)
-assert all(by_site.iloc[i + 1] > 1.1 * by_site.iloc[i] for i in range(1, len(by_site) - 1)), by_site
-# a repeated pattern levels off, fresh text keeps adding (measured +2.0 vs +8.7 bits from 32 to 128 tokens)
+# the live BAE (300 steps) reconstructs and roughly agrees with the shipped one's estimate (measured FVU 0.09; 352 vs 291 bits)
+assert live_fvu < 0.2 and 0.7 < feature_set_entropy(bae, x_held) / by_site[SITE] < 1.5
+# entropy grows with depth (measured 40, 291, 418, 487, 502 bits)
+assert all(by_site.iloc[i + 1] > by_site.iloc[i] for i in range(len(by_site) - 1)) and by_site.iloc[-1] > 1.5 * by_site.iloc[1], by_site
+# a repeated pattern levels off, fresh text keeps adding (measured +0.6 vs +21.4 bits from 32 to 128 tokens)
 grow = ent.loc[128] - ent.loc[32]
 assert grow["fresh stories"] > 2.5 * grow["repeated pattern"] and ent.loc[128, "fresh stories"] > ent.loc[128, "repeated pattern"] + 3, ent
-# untangling: TopK's best latents detect the concepts far better than the BAE's best bits (measured mean F1 0.71 vs 0.22)
-assert f1["TopK k=8"].mean() > 2 * f1["BAE (deviation)"].mean() and (f1["TopK k=8"] > f1["BAE (deviation)"]).sum() >= 8, f1
-# dense features: read by deviation, the BAE's dense fraction falls by more than 2x (measured 0.52 -> 0.16); TopK has almost none
+# untangling: the BAE's best bits beat an untrained BAE's (measured mean F1 0.39 vs 0.23, on 9 of 10 concepts); TopK's beat both (0.69)
+bae_f1, floor_f1, topk_f1 = f1["BAE (deviation)"], f1["untrained BAE"], f1["TopK k=8"]
+assert bae_f1.mean() > 1.4 * floor_f1.mean() and (bae_f1 > floor_f1).sum() >= 7, f1
+assert topk_f1.mean() > bae_f1.mean() + 0.15, f1
+# dense features (measured: BAE 0.79 raw, 0.63 by deviation; TopK 0.012; ReLU 0.20)
 d = density
-assert d.loc["BAE", "deviation_dense_fraction"] < 0.5 * d.loc["BAE", "dense_fraction"], d
-assert d.loc["TopK k=8", "dense_fraction"] < 0.05 < d.loc["ReLU + L1", "dense_fraction"], d
+assert d.loc["BAE", "deviation_dense_fraction"] < d.loc["BAE", "dense_fraction"], d
+assert d.loc["TopK k=8", "dense_fraction"] < 0.05 < d.loc["ReLU + L1", "dense_fraction"] < d.loc["BAE", "deviation_dense_fraction"], d
 assert gallery.cards.value and len(curves.history["fvu"]) == len(history)
 print(f"notebook ran in {time.perf_counter() - t_start:.0f} s")
 """),

@@ -46,8 +46,11 @@ E2E_KS = (4, 8, 16)
 LOCAL_TRAIN = TrainConfig(steps=1500, batch_size=1024, lr=2e-3, decay_fraction=0.2, log_every=50)
 E2E_TRAIN = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, decay_fraction=0.2, log_every=10)
 KLMSE_TRAIN = TrainConfig(steps=100, batch_size=8, lr=2e-4, log_every=10)
-BAE_TRAIN = TrainConfig(steps=1000, batch_size=512, lr=1e-3, decay_fraction=0.2, log_every=50)
-BAE_OBJECTIVE = dict(entropy_coef=1e-4, cov_coef=1e-4, entropy_start=200)  # stronger terms collapse the code (FVU 0.5 at 1e-3)
+BAE_TRAIN = TrainConfig(steps=3000, batch_size=512, lr=1e-3, decay_fraction=0.2, log_every=50)
+# Measured at blocks.1.hook_resid_pre, 3000 steps (mean over planted concepts of the best bit's F1, read by deviation):
+# entropy 0 -> F1 0.19 (FVU 0.04); 3e-5 -> 0.39 (0.05); 1e-4 -> 0.32 (0.08); 1e-3 -> 0.19 (0.43). The covariance
+# term only hurt: 3e-5 with cov 1e-5 -> 0.25, with cov 1e-4 -> 0.22. So the shipped recipe uses the entropy term alone.
+BAE_OBJECTIVE = dict(entropy_coef=3e-5, cov_coef=0.0, entropy_start=200)
 BAE_D_SAE = 512
 DS_BETA = 2.5
 
