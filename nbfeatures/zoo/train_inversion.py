@@ -56,7 +56,7 @@ def _counting_mask(ids_BT: torch.Tensor) -> torch.Tensor:
 
 RECIPES = {
     "counting": DecoderRecipe(default_sites, lambda n, seed: Counting().sample(n, seed)[0], _counting_mask,
-                              Counting().seq_len, 0, 0, DecoderTrainConfig(steps=8000, batch_size=64, lr=1e-3), {}),  # fmt: skip
+                              Counting().seq_len, 0, 0, DecoderTrainConfig(steps=16000, batch_size=64, lr=1e-3), {}),  # fmt: skip
     "tokfsm": DecoderRecipe(lambda m: ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(4)],
                             lambda n, seed: TokFSM().sample(n, seed)[:, :TOKFSM_LEN], None, TOKFSM_LEN, None, TokFSM().special_id,
                             DecoderTrainConfig(steps=1200, batch_size=64, lr=1e-3), {}),  # fmt: skip
