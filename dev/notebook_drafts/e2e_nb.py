@@ -71,7 +71,7 @@ matched = pd.DataFrame([{"k": k, "kind": kind, "ce_increase": at(kind, k).ce_inc
                         for k in (4, 8, 16) for kind in ("e2e", "e2e+ds")])
 matched.round(3)
 """),
-("md", "The gap is widest at low L0. At k = 16 the local SAE already costs only about 0.004 nats and the short e2e run (300 warm-started steps on 0.3M tokens; the paper trains from scratch on 400M) does not beat it, while e2e+ds still does. Downstream, e2e leaves larger errors than local at every k and e2e+ds slightly smaller ones:"),
+("md", "At every L0 of the sweep e2e costs the model far less than local: 0.12x local's CE-loss increase at k = 4, 0.30x at k = 8, 0.23x at k = 16 (the paper: under 45%), and e2e+ds 0.19x to 0.42x. These are 1000-step warm-started runs on 1M tokens (the paper trains from scratch on 400M); with 300 steps the k = 16 run had not yet beaten its local start (1.04x). Downstream, e2e leaves larger errors than local at every k and e2e+ds slightly smaller ones:"),
 ("code", """
 ds_long = pd.DataFrame([{"kind": kind, "k": k, "layer": d, "ds_mse": at(kind, k)[f"ds_mse/{d}"]}
                         for k in (4, 8, 16) for kind in ("local", "e2e", "e2e+ds") for d in DS])
@@ -116,20 +116,22 @@ live_report = evaluate_sae(model, live, E2E_SITE, held_out, batch_size=32)
 ("md", "What this notebook showed, checked (thresholds sit below the measured values with margin):"),
 ("code", """
 l4, l8 = at("local", 4), at("local", 8)
-# the headline: at equal L0, e2e costs the model clearly less (measured 0.29x at k=4, 0.50x at k=8)
-assert at("e2e", 4).ce_increase < 0.45 * l4.ce_increase and at("e2e", 8).ce_increase < 0.75 * l8.ce_increase, matched
-assert at("e2e+ds", 4).ce_increase < 0.45 * l4.ce_increase and at("e2e+ds", 8).ce_increase < 0.75 * l8.ce_increase, matched
-# ... while e2e leaves larger errors downstream (measured 1.3-2.2x local) and e2e+ds stays near local (0.83-0.94x)
+# the headline: at equal L0, e2e costs the model under 45% of local's CE increase at every k (measured 0.12x, 0.30x, 0.23x
+# at k = 4, 8, 16), and e2e+ds clearly less too (0.19x, 0.21x, 0.42x)
+for k in (4, 8, 16):
+    assert at("e2e", k).ce_increase < 0.45 * at("local", k).ce_increase, matched
+    assert at("e2e+ds", k).ce_increase < 0.6 * at("local", k).ce_increase, matched
+# ... while e2e leaves larger errors downstream (measured 1.55-2.08x local) and e2e+ds stays near local (0.76-0.90x)
 for k in (4, 8, 16):
     for d in DS:
         assert at("e2e", k)[f"ds_mse/{d}"] > 1.15 * at("local", k)[f"ds_mse/{d}"], (k, d)
         assert at("e2e+ds", k)[f"ds_mse/{d}"] < 1.2 * at("local", k)[f"ds_mse/{d}"], (k, d)
         assert at("e2e", k)[f"ds_mse/{d}"] > at("e2e+ds", k)[f"ds_mse/{d}"], (k, d)
-# at matched CE-loss increase, e2e needs fewer active latents than local (measured about 5.8 vs 8)
+# at matched CE-loss increase, e2e needs fewer active latents than local (measured: e2e 4 or fewer, since its k = 4 run already costs less; e2e+ds 4.6; local 8)
 assert matched_ce["e2e"] < 0.85 * matched_ce["local"] and matched_ce["e2e+ds"] < 0.85 * matched_ce["local"], matched_ce
 # the cheap recipe: a short KL + MSE finetune lowers the local SAE's KL (measured 0.009 vs 0.014)
 assert table.loc["klmse_k8", "kl"] < 0.85 * l8.kl
-# geometry: local decoders are the least orthogonal at every k (small gaps here: a short warm-started run)
+# geometry: local decoders are the least orthogonal at every k (small gaps here: warm-started runs)
 assert all(at("local", k).nn_cos > at("e2e", k).nn_cos for k in (4, 8, 16))
 # every SAE keeps most latents alive, and the live run lowered the KL it started from
 assert (table.alive > 0.9 * 512).all()

@@ -44,7 +44,7 @@ D_SAE, N_CTX = 512, 128
 KS = (4, 8, 16, 32)
 E2E_KS = (4, 8, 16)
 LOCAL_TRAIN = TrainConfig(steps=1500, batch_size=1024, lr=2e-3, decay_fraction=0.2, log_every=50)
-E2E_TRAIN = TrainConfig(steps=300, batch_size=8, lr=1e-3, warmup_steps=20, decay_fraction=0.2, log_every=10)
+E2E_TRAIN = TrainConfig(steps=1000, batch_size=8, lr=1e-3, warmup_steps=20, decay_fraction=0.2, log_every=10)
 KLMSE_TRAIN = TrainConfig(steps=100, batch_size=8, lr=2e-4, log_every=10)
 BAE_TRAIN = TrainConfig(steps=3000, batch_size=512, lr=1e-3, decay_fraction=0.2, log_every=50)
 # Measured at blocks.1.hook_resid_pre, 3000 steps (mean over planted concepts of the best bit's F1, read by deviation):
