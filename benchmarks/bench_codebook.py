@@ -26,6 +26,8 @@ from nbfeatures.codebook import CodebookConfig, CodebookLayer, IVFConfig
 from nbfeatures.codebook_model import CodebookModel
 from _timing import timed  # benchmarks/_timing.py (scripts run from benchmarks/ on sys.path)
 
+N_CODES = (1000, 10000)  # codes per codebook, timed
+
 
 def tokfsm_model():
     try:
@@ -60,8 +62,8 @@ def main() -> None:
     rows = [("plain forward", lambda: hf(ids).logits), ("site layer, no codebooks", lambda: nbf.run(model, ids).logits)]
     site_list = [s for i in range(n_layers) for s in (f"blocks.{i}.attn.hook_z", f"blocks.{i}.hook_mlp_out")]
     pool = nbf.read_acts(model, torch.randint(0, 10, (96, args.seq), generator=torch.Generator().manual_seed(1)), site_list)
-    agree = {}
-    for n_codes in (1000, 10000):
+    agree = {}  # row name -> agreement of its IVF search with exact search
+    for n_codes in N_CODES:
         layers = {}
         for j, s in enumerate(site_list):
             per_head = s.endswith("attn.hook_z")
@@ -74,9 +76,10 @@ def main() -> None:
         exact = cb.run(ids).outputs
         ivf = CodebookModel(model, {s: copy.deepcopy(layer) for s, layer in layers.items()}).use_ivf(IVFConfig(n_probe=args.n_probe))
         approx = ivf.run(ids).outputs
-        agree[n_codes] = sum(float((approx[s].codes == exact[s].codes).float().mean()) for s in site_list) / len(site_list)
+        ivf_row = f"  same, C={n_codes}, IVF search (n_probe={args.n_probe})"
+        agree[ivf_row] = sum(float((approx[s].codes == exact[s].codes).float().mean()) for s in site_list) / len(site_list)
         rows.append((f"attn (per head) + MLP codebooks, C={n_codes}", lambda cb=cb: cb.run(ids).logits))
-        rows.append((f"  same, C={n_codes}, IVF search (n_probe={args.n_probe})", lambda cb=ivf: cb.run(ids).logits))
+        rows.append((ivf_row, lambda cb=ivf: cb.run(ids).logits))
     for _, fn in rows:  # warm-up
         fn()
     samples = {name: [] for name, _ in rows}
@@ -88,13 +91,13 @@ def main() -> None:
     print(f"model: {label}, {n_layers} layers x {n_heads} heads, d={d}; batch {args.batch}x{args.seq}; CPU threads {torch.get_num_threads()}")
     d_ff = hf.config.intermediate_size
     model_macs = n_layers * (4 * d * d + 2 * d * d_ff + args.seq * d)  # projections, MLP, causal QK and AV (mean T/2 each)
-    for n_codes in agree:  # exact search scores every code: d MACs per code per token at each of the 2 sites per layer
+    for n_codes in N_CODES:  # exact search scores every code: d MACs per code per token at each of the 2 sites per layer
         cb_macs = n_layers * 2 * d * n_codes
         print(f"C={n_codes}: exact search {cb_macs / 1e6:.2f}M MACs/token vs the model's {model_macs / 1e6:.2f}M: "
               f"ratio >= {1 + cb_macs / model_macs:.2f} even at the model's own FLOP rate")
     print(f"{'configuration':<46} {'ms':>8} {'ratio':>6} {'agree':>6}")
     for name, t in times.items():
-        a = next((f"{agree[c]:.3f}" for c in agree if "IVF" in name and f"C={c}," in name), "")
+        a = f"{agree[name]:.3f}" if name in agree else ""
         print(f"{name:<46} {t * 1e3:>8.1f} {t / base:>6.2f} {a:>6}")
 
 

@@ -87,8 +87,12 @@ def build_ivf(codebook_GCE: Tensor, n_lists: int, iters: int = 10, seed: int = 0
     flat = (assign + torch.arange(G, device=cn.device)[:, None] * n_lists).reshape(-1)  # list of each code, all groups
     order = torch.argsort(flat, stable=True)
     starts = [0] + torch.cumsum(torch.bincount(flat, minlength=G * n_lists), 0).tolist()
-    return IVFIndex(cents, cn.reshape(G * C, E)[order].contiguous(), order % C, starts,
-                    (codebook_GCE.data_ptr(), codebook_GCE._version))
+    return IVFIndex(cents, cn.reshape(G * C, E)[order].contiguous(), order % C, starts, _version_of(codebook_GCE))
+
+
+def _version_of(t: Tensor) -> tuple[int, int]:
+    """(data pointer, in-place version): changes when the tensor is replaced or modified in place."""
+    return t.data_ptr(), t._version
 
 
 def exact_topk(q_GNE: Tensor, cn_GCE: Tensor, k: int, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -104,11 +108,13 @@ def exact_topk(q_GNE: Tensor, cn_GCE: Tensor, k: int, exclude_GC: Tensor | None 
         cos = torch.bmm(q_GNE[:, i:i + step], cn_GCE.transpose(1, 2))
         if mask is not None:
             cos = cos.masked_fill(mask, float("-inf"))
-        if k == 1:
-            sims[:, i:i + step], ids[:, i:i + step] = argmax_last(cos)
-        else:
-            sims[:, i:i + step], ids[:, i:i + step] = cos.topk(k, dim=-1)
+        sims[:, i:i + step], ids[:, i:i + step] = topk_last(cos, k)
     return sims, ids
+
+
+def topk_last(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`s.topk(k, dim=-1)` (values, indices); for k = 1 through the faster `argmax_last`."""
+    return argmax_last(s) if k == 1 else s.topk(k, dim=-1)
 
 
 def argmax_last(s: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,6 +150,8 @@ def ivf_topk(index: IVFIndex, q_GNE: Tensor, k: int, n_probe: int, exclude_GC: T
     q_sorted = q_GNE.reshape(G * N, E)[order // P]  # pair (g, n, p) is flat index (g * N + n) * P + p
     bounds = [0] + torch.cumsum(torch.bincount(lists, minlength=G * L), 0).tolist()
     kk = min(k, max(b - a for a, b in zip(index.starts, index.starts[1:])))
+    if k > P * kk:
+        raise ValueError(f"IVF search finds at most n_probe * (longest list) = {P * kk} codes per token, k={k}")
     cand_v = torch.full((len(lists), kk), float("-inf"), device=dev)
     cand_i = torch.zeros(len(lists), kk, dtype=torch.long, device=dev)
     for x in range(G * L):
@@ -154,14 +162,12 @@ def ivf_topk(index: IVFIndex, q_GNE: Tensor, k: int, n_probe: int, exclude_GC: T
         if exclude_GC is not None:
             sc = sc.masked_fill(exclude_GC[x // L, index.ids[ca:cb]].to(dev), float("-inf"))
         j = min(kk, cb - ca)
-        v, i = argmax_last(sc) if j == 1 else sc.topk(j, dim=-1)
+        v, i = topk_last(sc, j)
         cand_v[a:b, :j], cand_i[a:b, :j] = v, index.ids[ca:cb][i]
     flat_v, flat_i = torch.empty_like(cand_v), torch.empty_like(cand_i)
     flat_v[order], flat_i[order] = cand_v, cand_i
     flat_v, flat_i = flat_v.view(G, N, P * kk), flat_i.view(G, N, P * kk)
-    if k > P * kk:
-        raise ValueError(f"IVF search finds at most n_probe * (longest list) = {P * kk} codes per token, k={k}")
-    sims, pick = argmax_last(flat_v) if k == 1 else flat_v.topk(k, dim=-1)
+    sims, pick = topk_last(flat_v, k)
     ids = flat_i.gather(-1, pick)
     return sims, ids, ~torch.isfinite(sims).all(-1).all(0)
 
@@ -213,19 +219,18 @@ class CodebookLayer(nn.Module):
 
         Exact while training; in eval mode the IVF index is used when one is set (`use_ivf`)."""
         q = F.normalize(xn_NGE, dim=-1).transpose(0, 1).contiguous()  # [G, N, E]
-        cn = F.normalize(self.codebook.detach(), dim=-1)
         k = self.cfg.k
         if self.ivf is None or self.training:
-            sims, ids = exact_topk(q, cn, k, exclude_GC)
+            sims, ids = exact_topk(q, F.normalize(self.codebook.detach(), dim=-1), k, exclude_GC)
             return ids.transpose(0, 1), sims.transpose(0, 1)
         index = self._index
-        if index is None or index.version != (self.codebook.data_ptr(), self.codebook._version):  # built, or stale
+        if index is None or index.version != _version_of(self.codebook):  # not built yet, or stale
             n_lists = self.ivf.n_lists or max(1, round(self.cfg.n_codes**0.5))
             index = self._index = build_ivf(self.codebook, min(n_lists, self.cfg.n_codes), self.ivf.iters, self.ivf.seed)
         sims, ids, unsure = ivf_topk(index, q, k, self.ivf.n_probe, exclude_GC)
         if unsure.any():
             rows = unsure.nonzero().flatten()
-            sims[:, rows], ids[:, rows] = exact_topk(q[:, rows], cn, k, exclude_GC)
+            sims[:, rows], ids[:, rows] = exact_topk(q[:, rows], F.normalize(self.codebook.detach(), dim=-1), k, exclude_GC)
         return ids.transpose(0, 1), sims.transpose(0, 1)
 
     def use_ivf(self, ivf: IVFConfig | None = IVFConfig()) -> CodebookLayer:
