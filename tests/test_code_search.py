@@ -1,6 +1,5 @@
 """Code search on planted cases."""
 
-import pandas as pd
 import pytest
 import torch
 

@@ -11,7 +11,8 @@ import torch
 from conftest import BOS, tiny_hf, word_tokenizer
 from nbfeatures import sites as S
 from nbfeatures.inversion import (
-    DecoderConfig, DecoderTrainConfig, InversionDecoder, PairSource, default_sites, distance, feature_query, generate,
+    DecoderConfig, DecoderTrainConfig, FeatureSite, InversionDecoder, PairSource, default_sites, distance, feature_query,
+    generate, inside_fractions, site_acts, strongest_latent,
     load_decoder, panel_callables, query_activation, read_sites, real_positions, sample, save_decoder, sequence_loss,
     train_decoder,
 )
@@ -239,25 +240,210 @@ def test_save_load_round_trip_is_exact(tmp_path, trained):
         load_decoder(tmp_path)
 
 
-def test_training_resumes_from_its_checkpoint(gpt2, tmp_path):
-    src = PairSource(gpt2, [SITE], inputs)
-    cfg = DecoderTrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=3)
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """A pair source that dies when asked for the batch of step `at` (a run killed mid-training)."""
+
+    def __init__(self, source, at, seed=0):
+        self.source, self.crash_seed = source, seed * 1_000_003 + at
+        self.sites, self.model = source.sites, source.model
+
+    def batch(self, n, seed, **kw):
+        if seed == self.crash_seed:
+            raise Crash
+        return self.source.batch(n, seed, **kw)
+
+    def pairs(self, *a, **kw):  # held-out queries for the in-epsilon measurement
+        return self.source.pairs(*a, **kw)
+
+
+@pytest.mark.parametrize("rebalance", [0.0, 6.0])
+def test_interrupted_training_resumes_to_the_same_decoder(gpt2, tmp_path, rebalance):
+    src = PairSource(gpt2, [SITE, "blocks.1.hook_resid_post"], inputs)
+    cfg = DecoderTrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=3, rebalance=rebalance,
+                             eval_every=2, eval_queries=2, eval_samples=2)  # fmt: skip
+    cfg_d = tiny_config(sites=tuple(src.sites))
     torch.manual_seed(0)
-    straight = InversionDecoder(tiny_config())
+    straight = InversionDecoder(cfg_d)
     h1 = train_decoder(straight, src, cfg, progress=False)
     torch.manual_seed(0)
-    half = InversionDecoder(tiny_config())
-    train_decoder(half, src, DecoderTrainConfig(**{**vars(cfg), "steps": 3}), checkpoint=tmp_path, progress=False)
+    killed = InversionDecoder(cfg_d)
+    with pytest.raises(Crash):
+        train_decoder(killed, CrashAt(src, at=7), cfg, checkpoint=tmp_path, progress=False)
+    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == 6  # the last checkpoint before the crash
     torch.manual_seed(123)  # a fresh decoder: everything must come from the checkpoint
-    resumed = InversionDecoder(tiny_config())
-    # same schedule as the straight run: lr_at depends on total steps, so resume with steps=6 from step 3
-    state = json.loads((tmp_path / "train_state.json").read_text())
-    assert state["step"] == 3
+    resumed = InversionDecoder(cfg_d)
     h2 = train_decoder(resumed, src, cfg, checkpoint=tmp_path, progress=False)
-    assert h2[0]["step"] == 0 and h2[-1]["step"] == 5
-    # the first half ran with a 3-step cosine, so compare the resumed half's losses only loosely, and weights' shapes exactly
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in h2) and len(h1) == 2
-    assert {k: v.shape for k, v in resumed.state_dict().items()} == {k: v.shape for k, v in straight.state_dict().items()}
+    for (k, v), v2 in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(v, v2, atol=1e-6), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in h]  # noqa: E731
+    assert strip(h1) == strip(h2)
+    evals = [r for r in h1 if "inside" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6] and all(0 <= f <= 1 for r in evals for f in r["inside"].values())
+    assert all(("site_weights" in r) == (rebalance > 0) for r in evals)
+
+
+def test_rebalancing_draws_sites_by_softmax_of_their_shortfall(gpt2):
+    src = PairSource(gpt2, [SITE, "blocks.1.hook_resid_post"], inputs)
+    cfg = DecoderTrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, rebalance=6.0, eval_every=1, eval_queries=4, eval_samples=4)
+    seen = []
+
+    class Spy:
+        sites, model = src.sites, src.model
+
+        def batch(self, n, seed, **kw):
+            out = src.batch(n, seed, **kw)
+            if seed != 2**31 - 1:  # training batches, not the scale fit
+                seen.append((kw.get("site_weights"), out[2]))
+            return out
+
+        def pairs(self, *a, **kw):
+            return src.pairs(*a, **kw)
+
+    torch.manual_seed(0)
+    history = train_decoder(InversionDecoder(tiny_config(sites=tuple(src.sites))), Spy(), cfg, progress=False)
+    for rec, (w, site_B) in zip([r for r in history if "inside" in r], seen):
+        r = torch.tensor(list(rec["inside"].values()))
+        assert torch.allclose(torch.tensor(rec["site_weights"]), ((r.mean() - r) * 6.0).softmax(0), atol=1e-6)
+        assert torch.equal(w, torch.tensor(rec["site_weights"]))
+    # the draw follows the weights: a site of weight 0 never comes up, one of weight 1 always does
+    assert set(src.batch(64, seed=1, site_weights=torch.tensor([0.0, 1.0]))[2].tolist()) == {1}
+    z, _, site_B = src.batch(6, seed=1, site=0)
+    assert site_B.tolist() == [0] * 6 and torch.equal(z, src.batch(6, seed=1, site_weights=torch.tensor([1.0, 0.0]))[0][:, :32])
+    with pytest.raises(ValueError, match="site_weights must be 2 non-negative numbers"):
+        src.batch(4, seed=0, site_weights=torch.tensor([-1.0, 2.0]))
+    with pytest.raises(ValueError, match="site index 2 is outside 0..1"):
+        src.batch(4, seed=0, site=2)
+    with pytest.raises(ValueError, match="rebalance must be >= 0 and needs eval_every >= 1"):
+        DecoderTrainConfig(rebalance=6.0)
+
+
+def test_inside_fractions_is_the_in_epsilon_rate_of_fresh_samples(gpt2, trained):
+    src = PairSource(gpt2, [SITE], inputs)
+    cond, uncond = trained
+    a = inside_fractions(cond, src, n_queries=8, n_samples=8, seed=3)
+    assert a == inside_fractions(cond, src, n_queries=8, n_samples=8, seed=3) and list(a) == [SITE]
+    b = inside_fractions(uncond, src, n_queries=8, n_samples=8, seed=3)
+    assert a[SITE] >= 0.7 and b[SITE] <= 0.35, (a, b)  # the same gap as sample() shows above
+    assert cond.training is False
+    # the obvious implementation: per query, sample() at temperature 1 from the same held-out pair
+    z_QD, _, _ = src.batch(8, seed=2**30 + 3, site=0)
+    per_query = [sample(cond, gpt2, SITE, z=z, temperatures=(1.0,), n_per_temperature=32, seed=q).inside_fraction
+                 for q, z in enumerate(z_QD)]  # fmt: skip
+    assert abs(float(np.mean(per_query)) - a[SITE]) <= 0.15, (per_query, a)
+
+
+def test_distance_takes_one_query_per_candidate():
+    z_BD, acts = torch.randn(3, 4), torch.randn(3, 5, 4)
+    for metric in ("euclidean", "cosine"):
+        d, pos = distance(z_BD, acts, metric=metric)
+        for b in range(3):
+            d1, p1 = distance(z_BD[b], acts[b : b + 1], metric=metric)
+            assert torch.allclose(d[b], d1[0]) and pos[b] == p1[0]
+    with pytest.raises(ValueError, match="2 queries for 3 candidates"):
+        distance(z_BD[:2], acts)
+
+
+# ----------------------------------------------------------------------------- feature sites (SAE latents, codebook codes)
+
+
+@pytest.fixture(scope="module")
+def sae_site():
+    from nbfeatures.sae.topk import TopKConfig, TopKSAE
+
+    return FeatureSite.from_sae(TopKSAE(TopKConfig(32, 16, 1), seed=3), SITE)
+
+
+def test_feature_site_restricts_the_activation_to_one_latent(gpt2, sae_site):
+    ids = inputs(3, 5)
+    acts = read_sites(gpt2, ids, [SITE])[SITE]
+    lat = sae_site.encode(acts).detach()
+    latent_B = torch.tensor([0, 7, 15])
+    want = torch.stack([lat[b, :, i, None] * sae_site.W_dec_FD[i] for b, i in enumerate(latent_B.tolist())])
+    assert torch.allclose(sae_site.restrict(acts, latent_B), want)
+    assert torch.allclose(site_acts(gpt2, ids, sae_site, latent_B), want)
+    with pytest.raises(ValueError, match="needs a latent per row"):
+        site_acts(gpt2, ids, sae_site)
+    bad = FeatureSite("f", SITE, lambda x: x[..., :5], sae_site.W_dec_FD)
+    with pytest.raises(ValueError, match=r"encode gave shape \[3, 3, 5\].*expected \[..., 16\]"):
+        bad.restrict(acts, latent_B)
+
+
+def test_codebook_feature_site_is_the_chosen_code(gpt2):
+    from nbfeatures.codebook import CodebookConfig, CodebookLayer
+
+    layer = CodebookLayer(CodebookConfig(32, 10, k=1), seed=0).eval()
+    site = FeatureSite.from_codebook(layer, SITE)
+    acts = read_sites(gpt2, inputs(4, 2), [SITE])[SITE]
+    out = layer(acts)
+    chosen = out.codes[..., 0]  # [B, T]
+    for t in range(acts.shape[1]):  # restricted to the chosen code, the activation is that code: the layer's output
+        assert torch.allclose(site.restrict(acts, chosen[:, t])[:, t], out.quantized[:, t], atol=1e-5)
+    other = (chosen[:, 1] + 1) % 10  # a code that was not chosen: restricted to it, nothing is left
+    assert (site.restrict(acts, other)[:, 1] == 0).all()
+    with pytest.raises(ValueError, match="single-group codebook"):
+        FeatureSite.from_codebook(CodebookLayer(CodebookConfig(8, 10, n_groups=4)), SITE)
+
+
+def test_pair_source_at_a_feature_site_picks_an_active_latent(gpt2, sae_site):
+    src = PairSource(gpt2, [SITE, sae_site], inputs)
+    assert src.names == [SITE, f"{SITE}:sae"]
+    z, ids, site_B, latent_B = src.pairs(64, seed=4)
+    assert set(site_B.tolist()) == {0, 1} and bool((latent_B[site_B == 0] == -1).all())
+    acts = read_sites(gpt2, ids, [SITE])[SITE]
+    lat = sae_site.encode(acts).detach()
+    for b in (site_B == 1).nonzero()[:, 0].tolist():
+        i = int(latent_B[b])
+        hits = [t for t in range(1, 3) if lat[b, t, i] > 0 and torch.allclose(z[b], lat[b, t, i] * sae_site.W_dec_FD[i])]
+        assert hits, b
+
+
+@pytest.fixture(scope="module")
+def feature_trained(gpt2, sae_site):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    src = PairSource(gpt2, [sae_site], inputs)
+    pool = Pool(src)
+    out = []
+    for zero in (False, True):
+        torch.manual_seed(0)
+        dec = InversionDecoder(tiny_config(sites=(sae_site.name,)))
+        train_decoder(dec, _with_zero(pool, zero), DecoderTrainConfig(steps=100, batch_size=64, lr=1e-2, warmup_steps=10), progress=False)
+        out.append(dec)
+    torch.set_num_threads(threads)
+    return src, out
+
+
+def test_feature_conditioned_samples_make_the_latent_fire_like_the_query(gpt2, sae_site, feature_trained):
+    src, (cond, uncond) = feature_trained
+    a = inside_fractions(cond, src, n_queries=16, n_samples=8, seed=1)[sae_site.name]
+    b = inside_fractions(uncond, src, n_queries=16, n_samples=8, seed=1)[sae_site.name]
+    assert a >= 0.45 and a >= b + 0.3, (a, b)  # measured 0.66 vs 0.12
+    q = inputs(1, 21)[0]
+    i = strongest_latent(gpt2, q, sae_site, 2)
+    out = sample(cond, gpt2, sae_site, query=q, position=2, temperatures=(1.0,), n_per_temperature=16, seed=0)
+    a_q = sae_site.encode(read_sites(gpt2, q[None], [SITE])[SITE])[0, 2, i]
+    lat = sae_site.encode(read_sites(gpt2, torch.tensor([out.tokens[-1]]), [SITE])[SITE])[0, :, i]
+    assert torch.allclose(out.distance[-1], ((lat - a_q).abs() / a_q).min(), atol=1e-5)  # |a_i(x_t) / a - 1|, min over t
+    z = query_activation(gpt2, q, sae_site, 2, latent=i)
+    same = sample(cond, gpt2, sae_site, z=z, latent=i, temperatures=(1.0,), n_per_temperature=16, seed=0)
+    assert same.tokens == out.tokens and same.site == sae_site.name
+    with pytest.raises(ValueError, match="with z given, pass the latent"):
+        sample(cond, gpt2, sae_site, z=z)
+    with pytest.raises(ValueError, match="latent 99 is outside 0..15"):
+        sample(cond, gpt2, sae_site, query=q, position=2, latent=99)
+    silent = next(j for j in range(16) if sae_site.encode(read_sites(gpt2, q[None], [SITE])[SITE])[0, 2, j] == 0)
+    with pytest.raises(ValueError, match=f"latent {silent} does not fire at position 2"):
+        sample(cond, gpt2, sae_site, query=q, position=2, latent=silent)
+    with pytest.raises(ValueError, match="latent is for feature sites"):
+        sample(trained_like(cond), gpt2, SITE, query=q, position=2, latent=1)
+
+
+def trained_like(dec):
+    return InversionDecoder(tiny_config())
 
 
 # ----------------------------------------------------------------------------- figures and the panel

@@ -55,7 +55,7 @@ def state_codes_table(rows: Sequence[str], first: Sequence[int], second: Sequenc
     """A table: one row per codebook (`rows`), the code fired on the state's first and second digit."""
     if not len(rows) == len(first) == len(second):
         raise ValueError(f"rows, first and second need one entry per codebook, got {len(rows)}, {len(first)}, {len(second)}")
-    head = [f"codebook", f"code on 1st digit {digits[:1]}".strip(), f"code on 2nd digit {digits[1:2]}".strip()]
+    head = ["codebook", f"code on 1st digit {digits[:1]}".strip(), f"code on 2nd digit {digits[1:2]}".strip()]
     fig = go.Figure(go.Table(header=dict(values=head, align="left", fill_color="#eeeeee"),
                              cells=dict(values=[list(rows), [int(c) for c in first], [int(c) for c in second]], align="left")))
     fig.update_layout(title=dict(text=title or f"codes of state {digits}", x=0.01), height=60 + 24 * (len(rows) + 1),
