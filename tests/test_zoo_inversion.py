@@ -27,7 +27,7 @@ def test_shipped_decoder_matches_its_recipe_and_card(name):
     assert list(decoder.cfg.sites) == [site_name(s) for s in source.sites]
     card = json.loads((folder / "decoder.json").read_text())["card"]
     assert card["pairs_seen"] >= card["train_config"]["steps"] * card["train_config"]["batch_size"]
-    assert card["wall_time_s_total"] > 0 and card["command"].startswith("nice -n 10 python -m nbfeatures.zoo.train_inversion")
+    assert card["wall_time_s_total"] > 0 and "python -m nbfeatures.zoo.train_inversion" in card["command"]
 
 
 def test_tokfsm_feature_site_is_its_shipped_codebook():

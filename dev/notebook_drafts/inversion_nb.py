@@ -136,13 +136,15 @@ weights.iloc[[0, len(weights) // 2, -1]].round(3)
 ## TokFSM: the state survives, the history does not
 
 The shipped `tokfsm` model reads random walks on a 100-state machine written as 2-digit states. Its decoder was trained on
-the residual stream (before layer 0 and after every layer) of walks cut to BOS + 12 states. We query the residual stream
-after the last layer at the second digit of the 6th state, mid-sequence.
+the residual stream (before layer 0 and after every layer) of walks cut to BOS + 12 states, and on one feature site (below).
+We query the residual stream after the last layer at the second digit of the 6th state, mid-sequence.
 """),
 ("code", """
 fsm = TokFSM()
 tmodel = nbf.load_model("tokfsm")
 tdecoder = load_decoder(zoo.path("tokfsm") / "inversion")
+tcard = __import__("json").loads((zoo.path("tokfsm") / "inversion" / "decoder.json").read_text())["card"]
+print("decoder:", tcard["pairs_seen"], "pairs in", tcard["wall_time_s_total"], "s of CPU training; sites:", tdecoder.cfg.sites)
 TSITE, TPOS = "blocks.3.hook_resid_post", 12  # BOS, then state j at tokens 2j+1, 2j+2: position 12 ends state 5
 
 def state_at(tokens, p):  # the state whose second digit is at position p

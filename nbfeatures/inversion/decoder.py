@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .._io import load_json, load_tensors, save_json, save_tensors
 
+
 @dataclass(frozen=True)
 class DecoderConfig:
     vocab_size: int

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import sites as S
 
+
 METRICS = ("euclidean", "cosine")
 _HEAD = re.compile(r"(.+\.attn\.hook_z)\.(\d+)")
 

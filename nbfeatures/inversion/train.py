@@ -19,8 +19,9 @@ from torch import nn
 
 from .._io import load_json, load_tensors, save_json, save_tensors
 from .decoder import InversionDecoder, sequence_loss
-from .sample import _generate
 from .probe import PairSource, distance, real_positions, site_acts, site_name
+from .sample import _generate
+
 
 @dataclass(frozen=True)
 class DecoderTrainConfig:

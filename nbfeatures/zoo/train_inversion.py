@@ -5,10 +5,13 @@
 
 Recipes: which sites, which inputs, which query positions, the decoder's shape and the step budget.
   counting: every default site (residual stream, attention / MLP outputs, the head), queries at the target
-            letter and at ':' (the reference's choice), inputs of the counting task.
+            letter and at ':' (the reference's choice), inputs of the counting task. The shipped decoder is two runs:
+            the recipe's 16000 steps, then `--init <it> --steps 14000 --batch-size 256 --lr 5e-4 --rebalance 6
+            --eval-every 500 --eval-queries 32 --threads 2` (each card keeps the one before it under "warm_start").
   tokfsm:   the residual stream before layer 0 and after every layer, any position after BOS, trajectories
             cut to BOS + 12 states (25 tokens), to keep a CPU run short; plus one feature site: a k = 1 codebook
             of k-means codes on the last residual stream (fitted first, saved in <out>/codebook), one code at a time.
+            Shipped: 3000 steps (`--eval-every 500`), then `--init <it> --steps 4000 --lr 5e-4 --eval-every 1000`.
 
 Dimension key: B batch, T position.
 """
@@ -159,7 +162,7 @@ def main(argv=None):
         "final_train_loss": history[-1]["smooth_loss"], "wall_time_s_this_run": round(wall_s, 1),
         "wall_time_s_total": round(history[-1]["elapsed_s"], 1),
         **run_info(args.threads),
-        "command": f"nice -n 10 python -m nbfeatures.zoo.train_inversion {' '.join(argv if argv is not None else sys.argv[1:])}",
+        "command": f"python -m nbfeatures.zoo.train_inversion {' '.join(argv if argv is not None else sys.argv[1:])}",
         "loss_curve": [(r["step"], round(r["smooth_loss"], 4)) for r in history[::4]],
         "inside_curve": [(r["step"], r["inside"]) for r in history if "inside" in r],
         "site_weights_curve": [(r["step"], r["site_weights"]) for r in history if "site_weights" in r],
