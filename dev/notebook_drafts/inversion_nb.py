@@ -114,7 +114,14 @@ print(f"of the in-ε samples, {summary['same count']:.0%} keep the query's count
 print(f"the 8 closest samples of each query: {summary['closest 8: same count']:.0%} same count, {summary['closest 8: same letter']:.0%} same letter")
 """),
 ("md", """
-RESULT_TEXT
+**Against the target.** The issue asks for at least 50% of samples inside ε = 0.1 on held-out queries. At temperature 1
+(the reference's own test metric) this decoder puts 45% of its samples inside on these 10 queries (37% +- 3% on 60 other
+held-out queries, 32 samples each); over the three temperatures 36% (printed above). **The target is not met.** The decoder has seen 4.6 M (activation, input) pairs in two CPU runs
+(about 2.6 hours on one and two threads), against the reference's 100 M: 1 M uniform pairs gave 16.5% inside (8.5% at
+512 k), and the second run's 3.6 M rebalanced pairs, most of them at the layer-1 sites, brought it to 36%. More
+decoder training is what is missing; the code does not change. What the reference found is clearly there: inside ε,
+95% of the samples keep the query's count and 17% its letter; of the 8 samples closest to each query,
+96% share its count (chance 1 in 9) and 24% its letter (chance 1 in 12).
 """),
 ("md", """
 How the decoder got there: its second run measured each site's in-ε fraction (16-32 held-out queries per site at the
@@ -212,13 +219,17 @@ panel
 """),
 ("md", "What this notebook claims, checked:"),
 ("code", """
-print(summary.round(3).to_dict(), tsummary.round(3).to_dict())
-assert summary["inside ε"] >= 0.1                             # measured 0.165: samples inside ε exist (the issue's target, 0.5, is NOT met)
-assert summary["closest 8: same count"] >= 0.6                # measured 0.86: the count is kept far more than chance (1/9) ...
-assert summary["closest 8: same letter"] <= 0.3               # measured 0.19: ... the letter hardly (chance 1/12)
-assert summary["same count"] >= 0.7 and summary["same count"] > 2 * summary["same letter"]  # measured 0.90 vs 0.24 inside ε
-assert tsummary["inside ε"] >= 0.05 and tsummary["same state"] >= 0.9   # measured 0.104 and 1.0: TokFSM keeps the current state ...
-assert tsummary["same previous state"] <= 0.4                 # measured 0.06: ... and forgets the history
+print(summary.round(3).to_dict(), tsummary.round(3).to_dict(), fsummary.round(3).to_dict())
+assert summary["inside ε, T=1.0"] >= 0.35              # measured 0.45 at temperature 1 (the issue's target, 0.5, is NOT met)
+assert summary["inside ε"] >= 0.3                     # measured 0.36 over temperatures 0.5 / 1 / 2 (16.5% after the first run)
+assert summary["inside ε, T=0.5"] >= summary["inside ε, T=2.0"]       # hotter samples stray further
+assert summary["closest 8: same count"] >= 0.6         # measured 0.96: the count is kept far more than chance (1/9) ...
+assert summary["closest 8: same letter"] <= 0.3        # measured 0.24: ... the letter hardly (chance 1/12)
+assert summary["same count"] >= 0.7 and summary["same count"] > 2 * summary["same letter"]  # measured 0.95 vs 0.17 inside ε
+assert tsummary["inside ε"] >= 0.1 and tsummary["same state"] >= 0.9   # measured 0.219 and 1.0: TokFSM keeps the current state ...
+assert tsummary["same previous state"] <= 0.4          # measured 0.189: ... and forgets the history
+assert fsummary["chosen in samples"] >= 1.2 * fsummary["chosen in random walks"]  # measured 0.277 vs 0.183: the code steers the samples
+assert fsummary["same state there"] >= 0.6             # measured 0.71: where the code is chosen, mostly in the query's state
 assert "inside" in panel.status.value and len(panel.fig.data[1].x) == 24
 """),
 ])
