@@ -204,6 +204,17 @@ class CodebookLayer(nn.Module):
         self.ivf: IVFConfig | None = None  # approximate inference search (see use_ivf)
         self._index: IVFIndex | None = None
 
+    @classmethod
+    def from_saved(cls, config: dict, codebook: Tensor | None, where: str) -> CodebookLayer:
+        """A layer in eval mode from its `config_dict()` and codebook tensor as saved; `where` names them in errors."""
+        layer = cls(CodebookConfig(**config), seed=None)
+        found = codebook if codebook is not None else torch.empty(0)
+        if found.shape != layer.codebook.shape:
+            raise ValueError(f"{where} missing or of shape {list(found.shape)}, expected {list(layer.codebook.shape)}")
+        with torch.no_grad():
+            layer.codebook.copy_(found)
+        return layer.eval()
+
     def _grouped(self, x: Tensor) -> Tensor:
         """[..., G, E] (or [..., E] when G = 1) -> [N, G, E]."""
         G, E = self.cfg.n_groups, self.cfg.d_in

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import sites
 from ._io import load_json, load_tensors, save_json, save_tensors
-from .codebook import CodebookConfig, CodebookLayer, IVFConfig, codebook_mse
+from .codebook import CodebookLayer, IVFConfig, codebook_mse
 from .edits import Positions, Splice
 
 
@@ -208,15 +208,7 @@ def load_codebook_model(folder: str | os.PathLike) -> CodebookModel:
         raise ValueError(f"{folder}/codebooks.json: not a codebook model (format {cfg.get('format')!r})")
     tensors = load_tensors(folder / "codebooks.safetensors")
     model = sites.wrap(str(folder))
-    layers = {}
-    for site, c in cfg["sites"].items():
-        layer = CodebookLayer(CodebookConfig(**c), seed=None)
-        if site not in tensors or tensors[site].shape != layer.codebook.shape:
-            raise ValueError(f"{folder}: codebook for {site} missing or of shape {list(tensors.get(site, torch.empty(0)).shape)}, "
-                             f"expected {list(layer.codebook.shape)}")
-        with torch.no_grad():
-            layer.codebook.copy_(tensors[site])
-        layers[site] = layer.eval()
+    layers = {site: CodebookLayer.from_saved(c, tensors.get(site), f"{folder}: codebook for {site}") for site, c in cfg["sites"].items()}
     return CodebookModel(model, layers)
 
 

@@ -139,6 +139,19 @@ def test_save_and_load_round_trip(cb, ids, tmp_path):
     torch.testing.assert_close(loaded.run(ids).logits, cb.run(ids).logits, rtol=0, atol=0)
 
 
+def test_a_corrupt_or_foreign_codebook_file_fails_clearly(cb, tmp_path):
+    from nbfeatures._io import load_tensors, save_tensors
+
+    cb.save(tmp_path, base_model="tiny")
+    tensors = load_tensors(tmp_path / "codebooks.safetensors")
+    save_tensors(tmp_path / "codebooks.safetensors", {**tensors, MLP: tensors[MLP][:, :3]})
+    with pytest.raises(ValueError, match=rf"codebook for {MLP} missing or of shape \[1, 3, 32\], expected \[1, 40, 32\]"):
+        load_codebook_model(tmp_path)
+    save_tensors(tmp_path / "codebooks.safetensors", {k: v for k, v in tensors.items() if k != MLP})
+    with pytest.raises(ValueError, match=rf"codebook for {MLP} missing or of shape \[0\]"):
+        load_codebook_model(tmp_path)
+
+
 def test_bad_input(cb, model):
     with pytest.raises(ValueError, match=r"mode 'all' with k=2 takes exactly k codes, got 1"):
         ForceCodes(HEADS, cb.layer(HEADS), codes=(1,))

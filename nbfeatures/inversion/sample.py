@@ -47,9 +47,8 @@ def query_activation(model: S.Model, ids_T: Tensor, site: str | FeatureSite, pos
 
 def strongest_latent(model: S.Model, ids_T: Tensor, site: FeatureSite, position: int) -> int:
     """The latent of a feature site that fires most at (query, position)."""
-    query_activation(model, ids_T, site.site, position)  # checks the position
-    acts_1TD = site_acts(model, torch.as_tensor(ids_T).reshape(1, -1), site.site)
-    return int(site.latents(acts_1TD)[0, position].argmax())
+    a_D = query_activation(model, ids_T, site.site, position)
+    return int(site.latents(a_D[None, None])[0, 0].argmax())
 
 
 @torch.no_grad()
@@ -102,12 +101,12 @@ def sample(decoder: InversionDecoder, model: S.Model, site: str | FeatureSite, *
     decoder.site_index(name)
     if (z is None) == (query is None):
         raise ValueError("pass either query (token ids) with position, or z (an activation)")
+    if query is not None and position is None:
+        raise ValueError("a query needs a position")
     if isinstance(site, FeatureSite):
         if latent is None and z is not None:
             raise ValueError(f"feature site {name!r}: with z given, pass the latent it is restricted to")
         if latent is None:
-            if position is None:
-                raise ValueError("a query needs a position")
             latent = strongest_latent(model, query, site, position)
         if not 0 <= latent < len(site.W_dec_FD):
             raise ValueError(f"latent {latent} is outside 0..{len(site.W_dec_FD) - 1} for feature site {name!r}")
@@ -115,10 +114,8 @@ def sample(decoder: InversionDecoder, model: S.Model, site: str | FeatureSite, *
         raise ValueError(f"latent is for feature sites; {name!r} is a plain site")
     one = None if latent is None else torch.tensor([latent])
     if z is None:
-        if position is None:
-            raise ValueError("a query needs a position")
         z = query_activation(model, query, site, position, latent)
-        if not z.norm() > 0:
+        if latent is not None and not z.norm() > 0:
             raise ValueError(f"latent {latent} does not fire at position {position} of the query; pick a position where it does")
     z = torch.as_tensor(z).float().reshape(-1)
     bos = torch.tensor([[decoder.cfg.bos_id]])

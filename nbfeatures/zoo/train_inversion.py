@@ -67,15 +67,13 @@ def tokfsm_codebook(model, folder: Path):
     r = TOKFSM_CODEBOOK
     path = folder / "codebook"
     if (path / "codebook.json").is_file():
-        meta = load_json(path / "codebook.json")
-        layer = CodebookLayer(CodebookConfig(**meta["config"]), seed=None)
-        layer.load_state_dict(load_tensors(path / "codebook.safetensors"))
-        return layer.eval()
+        config = load_json(path / "codebook.json")["config"]
+        return CodebookLayer.from_saved(config, load_tensors(path / "codebook.safetensors").get("codebook"), f"{path}: codebook")
     acts = harvest(model, TokFSM().sample(r["n_walks"], seed=11)[:, :TOKFSM_LEN], TOKFSM_FEATURE_SITE, batch_size=256, progress=False)
     layer = CodebookLayer(CodebookConfig(acts[TOKFSM_FEATURE_SITE].shape[1], r["n_codes"], r["k"]), seed=r["seed"])
     with torch.no_grad():
         layer.init_kmeans_(acts[TOKFSM_FEATURE_SITE], iters=r["kmeans_iters"], seed=r["seed"])
-    save_tensors(path / "codebook.safetensors", layer.state_dict())
+    save_tensors(path / "codebook.safetensors", {"codebook": layer.codebook})
     save_json(path / "codebook.json", {"config": layer.config_dict(), "site": TOKFSM_FEATURE_SITE, "model": "tokfsm", "recipe": r})
     return layer.eval()
 
