@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.installed-$(EXTRAS)
 # Playwright drives Debian's chromium (`make chromium`); it must never download a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: install lab chromium test test-browser test-fast bench clean
+.PHONY: install lab notebooks chromium test test-browser test-fast bench clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -25,6 +25,12 @@ LAB_ARGS ?=
 ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: install
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) 00_quickstart.ipynb
+
+# The tutorials are jupytext pairs: notebooks/NN_name.py (percent format) and NN_name.ipynb. Edit either, then
+# sync; jupytext keeps the cells of the file modified last (and the .ipynb's cell ids). tests/test_notebooks_sync.py
+# fails while a pair differs.
+notebooks: install
+	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
 
 # Debian's chromium for the browser tests: installed with apt-get when missing and we are root.
 chromium:

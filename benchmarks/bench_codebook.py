@@ -23,7 +23,7 @@ import torch
 
 import nbfeatures as nbf
 from nbfeatures.codebook import CodebookConfig, CodebookLayer, IVFConfig
-from nbfeatures.codebook_model import CodebookModel
+from nbfeatures.codebook import CodebookModel
 from _timing import timed  # benchmarks/_timing.py (scripts run from benchmarks/ on sys.path)
 
 N_CODES = (1000, 10000)  # codes per codebook, timed

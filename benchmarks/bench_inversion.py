@@ -19,7 +19,7 @@ from nbfeatures import zoo
 from nbfeatures.data.counting import Counting
 from nbfeatures.data.tokfsm import TokFSM
 from nbfeatures.inversion import load_decoder, sample, sequence_loss
-from nbfeatures.zoo.train_inversion import build
+from nbfeatures.recipes.train_inversion import build
 from _timing import timed  # benchmarks/_timing.py (scripts run from benchmarks/ on sys.path)
 
 

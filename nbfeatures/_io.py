@@ -6,11 +6,13 @@ the target, so a crash leaves either the old file or the new one, never half of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -71,3 +73,28 @@ def load_json(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iterator[pathlib.Path]:
+    """Write a folder under a temporary sibling name; it replaces `folder` only when the block ends without error,
+    so a crash leaves the old folder (or none), never a mix of old and new files. Subfolders named in `keep`
+    (e.g. a base model's codebooks/) move from the old folder into the new one."""
+    folder = pathlib.Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = folder.with_name(f".tmp_{folder.name}"), folder.with_name(f".old_{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    for name in keep:
+        if (folder / name).is_dir() and not (tmp / name).exists():
+            os.replace(folder / name, tmp / name)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)

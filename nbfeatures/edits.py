@@ -20,7 +20,7 @@ token generated after it; `positions=None` means every position, prompt and gene
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -146,4 +146,12 @@ class Ablate:
         return torch.where(m, fill.expand_as(act), act), None
 
 
-Edit = Union[Splice, Steer, Ablate]  # or any object with .site, .apply(act, mask) -> (act, output) and .positions
+@runtime_checkable
+class Edit(Protocol):
+    """What the site layer needs of an edit: where (`site`, `positions`) and what (`apply`). Splice, Steer, Ablate
+    and the codebook edits (ForceCodes, PatchCodes, BlockCodes) all satisfy it; so can an edit of your own."""
+
+    site: str
+    positions: Positions
+
+    def apply(self, act: Tensor, mask: Tensor) -> tuple[Tensor, Any]: ...

@@ -20,7 +20,6 @@ Dimension key: B batch, T position, D width at the site, H heads, E head dim, V 
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 import weakref
@@ -40,35 +39,24 @@ Model = nnsight.Envoy  # nnsight's common base: NNsight(module) and Transformers
 # ----------------------------------------------------------------------------- wrapping
 
 
-def wrap(model: nn.Module | str | os.PathLike | Model, tokenizer: Any = None) -> Model:
-    """Make any torch module, Hugging Face causal LM, local folder or hub id an nnsight model.
+def wrap(model: nn.Module | Model, tokenizer: Any = None) -> Model:
+    """Make any torch module or Hugging Face causal LM an nnsight model.
 
     A Hugging Face causal LM with a tokenizer becomes a `TransformersModel` (trace and
-    generate); a module without one becomes a plain `NNsight` (trace only).
+    generate); a module without one becomes a plain `NNsight` (trace only). Folders, hub ids and
+    zoo names go through the zoo's checked loader (`nbf.wrap` and `nbf.load_model` take them).
     """
     if isinstance(model, nnsight.Envoy):
         return model
-    if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
-        model = AutoModelForCausalLM.from_pretrained(model)
     if not isinstance(model, nn.Module):
-        raise ValueError(f"wrap() takes a torch module, a model folder or a hub id; got {type(model).__name__}")
+        raise ValueError(f"sites.wrap() takes a torch module; got {type(model).__name__} "
+                         "(for a folder, hub id or zoo name use nbf.wrap or nbf.load_model)")  # fmt: skip
     model.eval()
     if tokenizer is not None and hasattr(model, "generate") and hasattr(model, "config"):
         from nnsight.modeling.transformers import TransformersModel
 
         return TransformersModel(model, tokenizer=tokenizer)
     return NNsight(model)
-
-
-def load_model(name_or_path: str | os.PathLike, device: Any = None) -> Model:
-    """A zoo name (`nbf.zoo.available()`), a local model folder or a hub id -> the wrapped model with its tokenizer."""
-    from .zoo import load_pretrained
-
-    hf, tokenizer = load_pretrained(name_or_path, device=device)
-    return wrap(hf, tokenizer)
 
 
 def unwrap(model: Model | nn.Module) -> nn.Module:

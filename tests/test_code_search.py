@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nbfeatures.codebook import CodebookConfig, CodebookLayer
-from nbfeatures.code_search import NeuronBaseline, best_code_per_label, codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
+from nbfeatures.codebook import NeuronBaseline, best_code_per_label, codes_frame, neuron_precision_at_recall, rank_codes, regex_targets
 
 
 def test_regex_targets_mark_the_capture_groups_token():

@@ -91,12 +91,12 @@ def test_forced_codes_replace_the_nearest():
 
 
 def test_dead_codes_are_reseeded_from_recent_inputs():
-    layer = CodebookLayer(CodebookConfig(8, 30, k=1, replace_after=2, replace_noise=0.0)).train()
+    layer = CodebookLayer(CodebookConfig(8, 30, k=1)).train()
     x = torch.randn(64, 8)
     before = layer.codebook.detach().clone()
     for _ in range(2):
         out = layer(x)
-        layer.after_step_()
+    assert layer.replace_dead_codes_(noise=0.0) > 0
     used = set(out.codes.flatten().tolist())
     dead = [c for c in range(30) if c not in used]
     assert dead

@@ -6,7 +6,7 @@ import torch
 from conftest import VOCAB
 from nbfeatures import sites
 from nbfeatures.codebook import CodebookConfig, CodebookLayer
-from nbfeatures.codebook_model import BlockCodes, CodebookModel, CodebookObjective, ForceCodes, PatchCodes, load_codebook_model
+from nbfeatures.codebook import BlockCodes, CodebookModel, CodebookObjective, CodebookTrainConfig, ForceCodes, PatchCodes, load_codebook_model
 from nbfeatures.harvest import TokenSource
 from nbfeatures.train import TrainConfig, train_sae
 
@@ -126,10 +126,9 @@ def test_finetuning_lowers_the_loss_with_separate_learning_rates(cb, tmp_path):
 
 
 def test_param_groups_scale_the_model_lr(cb):
-    groups = cb.param_groups(1e-3)
+    groups = CodebookObjective(cb).param_groups(1e-3)
     assert [g["lr"] for g in groups] == [1e-3, pytest.approx(1e-4)]
-    cb.model_lr_factor = 0.0
-    assert len(cb.param_groups(1e-3)) == 1
+    assert len(CodebookObjective(cb, CodebookTrainConfig(model_lr_factor=0.0)).param_groups(1e-3)) == 1
 
 
 def test_save_and_load_round_trip(cb, ids, tmp_path):

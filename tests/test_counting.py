@@ -8,7 +8,8 @@ import torch
 
 from nbfeatures import zoo
 from nbfeatures.data.counting import Counting, count_accuracy
-from nbfeatures.zoo.train_counting import main as train_main, running_counts
+from nbfeatures.recipes.models import running_counts
+from nbfeatures.recipes.train_model import main as _train_main
 
 
 def test_samples_are_well_formed_and_reproducible():
@@ -57,8 +58,8 @@ def test_shipped_counting_model_counts():
 
 
 def test_train_script_writes_a_loadable_folder(tmp_path):
-    train_main(["--steps", "3", "--out", str(tmp_path), "--no-progress"])
+    _train_main(["counting", "--steps", "3", "--out", str(tmp_path), "--no-progress"])
     model, tok = zoo.load_pretrained(tmp_path)
-    card = json.loads((tmp_path / "model_card.json").read_text())
+    card = json.loads((tmp_path / "card.json").read_text())
     assert card["train_config"]["steps"] == 3 and card["hardware"]["torch_threads"] == 1
     assert tok is not None and len(tok) == model.config.vocab_size == Counting().vocab_size

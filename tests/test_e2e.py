@@ -236,9 +236,11 @@ def test_shipped_stories_saes_match_their_cards():
     import json
     from nbfeatures import zoo
     from nbfeatures.sae.io import load_sae
-    from nbfeatures.zoo.train_saes import SAE_DIR, run_names
+    from nbfeatures.recipes.train_saes import run_names
 
+    SAE_DIR = zoo.path("stories") / "saes"
     folders = sorted(p.name for p in SAE_DIR.iterdir() if (p / "cfg.json").is_file())
+    assert sorted(zoo.saes("stories")) == folders
     assert folders == sorted(run_names())
     for run in folders:
         card = json.loads((SAE_DIR / run / "card.json").read_text())

@@ -10,8 +10,9 @@ import torch
 
 from conftest import BOS, tiny_hf, word_tokenizer
 from nbfeatures import sites as S
+from nbfeatures.train import latest_checkpoint
 from nbfeatures.inversion import (
-    DecoderConfig, DecoderTrainConfig, FeatureSite, InversionDecoder, PairSource, default_sites, distance, feature_query,
+    DecoderConfig, FeatureSite, RebalanceConfig, decoder_train_config, InversionDecoder, PairSource, default_sites, distance, feature_query,
     generate, inside_fractions, site_acts, strongest_latent,
     load_decoder, panel_callables, query_activation, read_sites, real_positions, sample, save_decoder, sequence_loss,
     train_decoder,
@@ -63,7 +64,7 @@ def trained(gpt2):
     for zero in (False, True):
         torch.manual_seed(0)
         dec = InversionDecoder(tiny_config())
-        train_decoder(dec, _with_zero(pool, zero), DecoderTrainConfig(steps=100, batch_size=64, lr=1e-2, warmup_steps=10), progress=False)
+        train_decoder(dec, _with_zero(pool, zero), decoder_train_config(steps=100, batch_size=64, lr=1e-2, warmup_steps=10), progress=False)
         out.append(dec)
     torch.set_num_threads(threads)
     return out
@@ -263,32 +264,34 @@ class CrashAt:
 @pytest.mark.parametrize("rebalance", [0.0, 6.0])
 def test_interrupted_training_resumes_to_the_same_decoder(gpt2, tmp_path, rebalance):
     src = PairSource(gpt2, [SITE, "blocks.1.hook_resid_post"], inputs)
-    cfg = DecoderTrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=3, rebalance=rebalance,
-                             eval_every=2, eval_queries=2, eval_samples=2)  # fmt: skip
+    cfg = decoder_train_config(steps=8, batch_size=8, lr=1e-3, warmup_steps=1, checkpoint_every=3, checkpoint_dir=str(tmp_path))
+    straight_cfg = decoder_train_config(steps=8, batch_size=8, lr=1e-3, warmup_steps=1)
+    rb = RebalanceConfig(rebalance=rebalance, eval_every=2, eval_queries=2, eval_samples=2)
     cfg_d = tiny_config(sites=tuple(src.sites))
     torch.manual_seed(0)
     straight = InversionDecoder(cfg_d)
-    h1 = train_decoder(straight, src, cfg, progress=False)
+    h1 = train_decoder(straight, src, straight_cfg, rb, progress=False)
     torch.manual_seed(0)
     killed = InversionDecoder(cfg_d)
     with pytest.raises(Crash):
-        train_decoder(killed, CrashAt(src, at=7), cfg, checkpoint=tmp_path, progress=False)
-    assert json.loads((tmp_path / "train_state.json").read_text())["step"] == 6  # the last checkpoint before the crash
+        train_decoder(killed, CrashAt(src, at=7), cfg, rb, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step_00000006"  # the last checkpoint before the crash
     torch.manual_seed(123)  # a fresh decoder: everything must come from the checkpoint
     resumed = InversionDecoder(cfg_d)
-    h2 = train_decoder(resumed, src, cfg, checkpoint=tmp_path, progress=False)
+    h2 = train_decoder(resumed, src, cfg, rb, progress=False)
     for (k, v), v2 in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(v, v2, atol=1e-6), k
     strip = lambda h: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in h]  # noqa: E731
     assert strip(h1) == strip(h2)
     evals = [r for r in h1 if "inside" in r]
-    assert [r["step"] for r in evals] == [0, 2, 4, 6] and all(0 <= f <= 1 for r in evals for f in r["inside"].values())
+    assert [r["measured_at"] for r in evals] == [0, 2, 4, 6] and all(0 <= f <= 1 for r in evals for f in r["inside"].values())
     assert all(("site_weights" in r) == (rebalance > 0) for r in evals)
 
 
 def test_rebalancing_draws_sites_by_softmax_of_their_shortfall(gpt2):
     src = PairSource(gpt2, [SITE, "blocks.1.hook_resid_post"], inputs)
-    cfg = DecoderTrainConfig(steps=3, batch_size=8, lr=1e-3, warmup_steps=1, rebalance=6.0, eval_every=1, eval_queries=4, eval_samples=4)
+    cfg = decoder_train_config(steps=3, batch_size=8, lr=1e-3, warmup_steps=1)
+    rb = RebalanceConfig(rebalance=6.0, eval_every=1, eval_queries=4, eval_samples=4)
     seen = []
 
     class Spy:
@@ -304,7 +307,7 @@ def test_rebalancing_draws_sites_by_softmax_of_their_shortfall(gpt2):
             return src.pairs(*a, **kw)
 
     torch.manual_seed(0)
-    history = train_decoder(InversionDecoder(tiny_config(sites=tuple(src.sites))), Spy(), cfg, progress=False)
+    history = train_decoder(InversionDecoder(tiny_config(sites=tuple(src.sites))), Spy(), cfg, rb, progress=False)
     for rec, (w, site_B) in zip([r for r in history if "inside" in r], seen):
         r = torch.tensor(list(rec["inside"].values()))
         assert torch.allclose(torch.tensor(rec["site_weights"]), ((r.mean() - r) * 6.0).softmax(0), atol=1e-6)
@@ -318,7 +321,7 @@ def test_rebalancing_draws_sites_by_softmax_of_their_shortfall(gpt2):
     with pytest.raises(ValueError, match="site index 2 is outside 0..1"):
         src.batch(4, seed=0, site=2)
     with pytest.raises(ValueError, match="rebalance must be >= 0 and needs eval_every >= 1"):
-        DecoderTrainConfig(rebalance=6.0)
+        RebalanceConfig(rebalance=6.0)
 
 
 def test_inside_fractions_is_the_in_epsilon_rate_of_fresh_samples(gpt2, trained):
@@ -411,7 +414,7 @@ def feature_trained(gpt2, sae_site):
     for zero in (False, True):
         torch.manual_seed(0)
         dec = InversionDecoder(tiny_config(sites=(sae_site.name,)))
-        train_decoder(dec, _with_zero(pool, zero), DecoderTrainConfig(steps=100, batch_size=64, lr=1e-2, warmup_steps=10), progress=False)
+        train_decoder(dec, _with_zero(pool, zero), decoder_train_config(steps=100, batch_size=64, lr=1e-2, warmup_steps=10), progress=False)
         out.append(dec)
     torch.set_num_threads(threads)
     return src, out

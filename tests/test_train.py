@@ -112,9 +112,9 @@ def test_checkpoint_folder_contents_and_partial_writes_ignored(tmp_path):
 def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path):
     x, _ = planted(n=2048, seed=7)
     train_sae(TopKSAE(TopKConfig(32, 64, 3)), x, TrainConfig(steps=5, batch_size=128, checkpoint_dir=str(tmp_path)), progress=False)
-    with pytest.raises(ValueError, match="checkpoint holds a TopKSAE, not a ReLUSAE"):
+    with pytest.raises(ValueError, match="holds another run: its module is TopKSAE, this run's is ReLUSAE"):
         train_sae(ReLUSAE(ReLUConfig(32, 64)), x, TrainConfig(steps=9, batch_size=128, checkpoint_dir=str(tmp_path)), progress=False)
-    with pytest.raises(ValueError, match="do not match the dictionary"):
+    with pytest.raises(ValueError, match="its module config is .*'d_sae': 64.*this run's is .*'d_sae': 65"):
         train_sae(TopKSAE(TopKConfig(32, 65, 3)), x, TrainConfig(steps=9, batch_size=128, checkpoint_dir=str(tmp_path)), progress=False)
     (latest_checkpoint(tmp_path) / "optimizer.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="not a readable safetensors file"):

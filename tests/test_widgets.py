@@ -1,6 +1,5 @@
 """Panels driven headless: set controls, click buttons, assert on the figure data and HTML outputs."""
 
-import ast
 import base64
 import pathlib
 
@@ -330,53 +329,6 @@ def test_the_switch_forces_static_figures(monkeypatch):
     assert type(LiveCurves().fig) is go.Figure
 
 
-# ----------------------------------------------------------------------------- layering
-
-
-def imports(path):
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))
-    return names
-
-
-def _layer_allows(folder: str, name: str) -> bool:
-    """plots: stdlib, numpy, plotly and its own modules; widgets: those, ipywidgets and nbfeatures.plots.
-    Neither layer touches a model (torch, nnsight, nbfeatures.sites), and plots never import widgets."""
-    import sys
-
-    top = name.lstrip(".").split(".")[0]
-    if name.startswith("..."):
-        return False
-    if name.startswith(".."):
-        return folder == "widgets" and name.split(".")[2] == "plots"
-    if name.startswith("."):
-        return True  # a sibling module of the same layer
-    if top in sys.stdlib_module_names or top in ("numpy", "plotly"):
-        return True
-    return folder == "widgets" and top in ("ipywidgets", "anywidget")
-
-
-@pytest.mark.parametrize("folder", ["plots", "widgets"])
-def test_plots_and_widgets_import_only_what_the_layering_allows(folder):
-    for path in (ROOT / "nbfeatures" / folder).glob("*.py"):
-        bad = {n for n in imports(path) if not _layer_allows(folder, n)}
-        assert not bad, (path.name, bad)
-
-
-def test_the_layering_rule_rejects_model_imports():
-    assert not _layer_allows("plots", "torch") and not _layer_allows("widgets", "nnsight")
-    assert not _layer_allows("widgets", "..sites") and not _layer_allows("plots", "..widgets")
-    assert not _layer_allows("plots", "ipywidgets") and _layer_allows("widgets", "..plots.fsm")
-
-
-def test_features_module_stays_free_of_nnsight_and_widgets():
-    assert not {m for m in imports(ROOT / "nbfeatures" / "features.py") if "nnsight" in m or "sites" in m or "widget" in m}
-
-
 # ----------------------------------------------------------------------------- steering_fn on tiny models
 
 
@@ -424,7 +376,7 @@ def test_steering_panel_forces_a_codebook_code_through_edits_fn(model):
     """The panel's third kind of steering: a codebook code forced at the last prompt token and every generated one."""
     from nbfeatures import sites
     from nbfeatures.codebook import CodebookConfig, CodebookLayer
-    from nbfeatures.codebook_model import ForceCodes
+    from nbfeatures.codebook import ForceCodes
     from nbfeatures.steering import edits_fn, token_strings
 
     site, prompt = "blocks.0.hook_resid_post", "w1 w2 w3 w4"

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nbfeatures import zoo
 from nbfeatures.data import StoryCorpus, TokFSM, first_transition_accuracy, transition_accuracy
-from nbfeatures.zoo.evaluate import bigram_model, fit_bigram, mean_loss, topic_stay_rate
-from nbfeatures.zoo.models import stories_model, tokfsm_model
-from nbfeatures.zoo.train import main as train_main
+from nbfeatures.recipes.evaluate import bigram_model, fit_bigram, mean_loss, topic_stay_rate
+from nbfeatures.recipes.models import stories_model, tokfsm_model
+from nbfeatures.recipes.train_model import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_train_script_writes_a_loadable_folder(tmp_path, name):
     out = tmp_path / name
     train_main([name, "--steps", "3", "--out", str(out), "--quick-eval", "--no-progress", "--threads", "1"])
     model, tok = zoo.load_pretrained(out)
-    card = json.loads((out / "model_card.json").read_text())
+    card = json.loads((out / "card.json").read_text())
     assert card["train_config"]["steps"] == 3 and card["tokens_seen"] > 0
     assert card["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     assert tok is not None and model.config.vocab_size == len(tok)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from nbfeatures import zoo
-from nbfeatures.codebook_model import CodebookModel, load_codebook_model
+from nbfeatures.codebook import CodebookModel, load_codebook_model
 from nbfeatures.data import TokFSM, first_transition_accuracy
-from nbfeatures.zoo.train_codebook import CODEBOOK_RECIPES, main as train_main
+from nbfeatures.recipes.train_codebook import CODEBOOK_RECIPES, main as train_main
 
 SHIPPED = ["tokfsm-codebook", "tokfsm-codebook-attn", "tokfsm-codebook-k4", "stories-codebook"]
 
@@ -16,8 +16,8 @@ SHIPPED = ["tokfsm-codebook", "tokfsm-codebook-attn", "tokfsm-codebook-k4", "sto
 def test_codebook_models_are_listed_next_to_the_base_models():
     assert set(SHIPPED) <= set(zoo.codebook_models()) and set(zoo.codebook_models()) <= set(zoo.available())
     assert {"tokfsm", "stories"} <= set(zoo.available()) and "tokfsm" not in zoo.codebook_models()
-    with pytest.raises(ValueError, match=r"neither a zoo codebook model \(available: \[.*'tokfsm-codebook'"):
-        zoo.load_codebook("tokfsm")
+    with pytest.raises(ValueError, match=r"holds no codebooks.json: not a codebook model folder \(zoo codebook models: \[.*'tokfsm-codebook'"):
+        load_codebook_model("tokfsm")
     with pytest.raises(ValueError, match="holds no codebooks.json"):
         load_codebook_model(zoo.path("tokfsm"))
 
@@ -40,7 +40,7 @@ def test_shipped_folder_is_small_and_its_card_names_recipe_base_and_metrics(name
 
 
 def test_tokfsm_codebook_loads_in_one_call_and_matches_its_card():
-    cb = zoo.load_codebook("tokfsm-codebook")
+    cb = load_codebook_model("tokfsm-codebook")
     assert isinstance(cb, CodebookModel) and cb.sites == CODEBOOK_RECIPES["tokfsm-codebook"].sites(4)
     assert cb.layer("blocks.0.attn.hook_z").cfg.n_groups == 4 and cb.layer("blocks.0.hook_mlp_out").cfg.k == 1
     run = lambda ids: cb.run(ids).logits  # noqa: E731
@@ -61,7 +61,7 @@ def test_training_script_writes_a_loadable_codebook_folder(tmp_path):
     out = tmp_path / "cb"
     train_main(["tokfsm-codebook", "--steps", "2", "--n-codes", "16", "--out", str(out), "--quick-eval", "--no-progress"])
     cb = load_codebook_model(out)
-    card = json.loads((out / "model_card.json").read_text())
+    card = json.loads((out / "card.json").read_text())
     assert card["recipe"]["steps"] == 2 and card["recipe"]["n_codes"] == 16 and card["tokens_seen"] == 2 * 32 * 128
     assert cb.sites == CODEBOOK_RECIPES["tokfsm-codebook"].sites(4) and cb.layer(cb.sites[0]).cfg.n_codes == 16
     assert "--n-codes 16" in card["command"] and all(isinstance(v, float) for v in card["metrics"].values())

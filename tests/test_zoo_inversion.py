@@ -1,4 +1,4 @@
-"""The shipped InversionView decoders and their training script (nbfeatures.zoo.train_inversion)."""
+"""The shipped InversionView decoders and their training script (nbfeatures.recipes.train_inversion)."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import torch
 
 from nbfeatures import zoo
 from nbfeatures.inversion import FeatureSite, load_decoder, site_name
-from nbfeatures.zoo.train_inversion import RECIPES, TOKFSM_FEATURE_SITE, build, main, tokfsm_codebook
+from nbfeatures.recipes.train_inversion import RECIPES, TOKFSM_FEATURE_SITE, build, main, tokfsm_codebook
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +25,9 @@ def test_shipped_decoder_matches_its_recipe_and_card(name):
     decoder = load_decoder(folder)
     _, source, _ = build(name)
     assert list(decoder.cfg.sites) == [site_name(s) for s in source.sites]
-    card = json.loads((folder / "decoder.json").read_text())["card"]
+    card = zoo.card(folder)
     assert card["pairs_seen"] >= card["train_config"]["steps"] * card["train_config"]["batch_size"]
-    assert card["wall_time_s_total"] > 0 and "python -m nbfeatures.zoo.train_inversion" in card["command"]
+    assert card["wall_time_s_total"] > 0 and "python -m nbfeatures.recipes.train_inversion" in card["command"]
 
 
 def test_tokfsm_feature_site_is_its_shipped_codebook():
@@ -43,8 +43,8 @@ def test_train_script_warm_starts_rebalances_and_records_it(tmp_path):
     out = tmp_path / "dec"
     main(["counting", "--init", str(zoo.path("counting") / "inversion"), "--steps", "3", "--batch-size", "8", "--rebalance", "6",
           "--eval-every", "2", "--eval-queries", "2", "--out", str(out), "--no-progress"])  # fmt: skip
-    card = json.loads((out / "decoder.json").read_text())["card"]
-    shipped = json.loads((zoo.path("counting") / "inversion" / "decoder.json").read_text())["card"]
+    card = zoo.card(out)
+    shipped = zoo.card(zoo.path("counting") / "inversion")
     assert card["warm_start"] == shipped and card["pairs_seen"] == shipped["pairs_seen"] + 3 * 8
     assert [s for s, _ in card["inside_curve"]] == [0, 2] and [s for s, _ in card["site_weights_curve"]] == [0, 2]
     assert abs(sum(card["site_weights_curve"][0][1]) - 1) < 1e-4

@@ -2,7 +2,7 @@
 
 from .counting import Counting, count_accuracy
 from .hf import stories_dataset, token_dataset, tokfsm_dataset
-from .stories import Story, StoryCorpus, story_tokenizer
+from .stories import Story, StoryCorpus, story_tokenizer, story_windows
 from .tokfsm import TokFSM, as_logits_fn, first_transition_accuracy, transition_accuracy
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "StoryCorpus",
     "Story",
     "story_tokenizer",
+    "story_windows",
     "stories_dataset",
     "tokfsm_dataset",
     "token_dataset",

@@ -392,3 +392,10 @@ def story_tokenizer():
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with single spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL,
                                    unk_token=UNK, model_max_length=256)  # fmt: skip
+
+
+def story_windows(seed: int, n_stories: int, n_ctx: int = 128) -> Tensor:
+    """Stories of StoryCorpus(seed) packed into one stream (BOS between them) and cut into [N, n_ctx] windows."""
+    corpus = StoryCorpus(seed=seed)
+    stream = torch.tensor([t for ids in corpus.encode(corpus.generate(n_stories)) for t in ids[:-1]])
+    return stream[: len(stream) // n_ctx * n_ctx].view(-1, n_ctx)

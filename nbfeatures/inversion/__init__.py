@@ -18,10 +18,10 @@ from .sample import (InversionSamples, feature_query, generate, panel_callables,
                      token_logprobs)
 from .probe import (METRICS, FeatureSite, PairSource, default_sites, distance, read_sites, real_positions, site_acts, site_name,
                     site_widths, split_site)
-from .train import DecoderTrainConfig, inside_fractions, train_decoder
+from .train import DECODER_TRAIN, DecoderObjective, RebalanceConfig, decoder_train_config, inside_fractions, train_decoder
 
 __all__ = [
-    "METRICS", "DecoderConfig", "FeatureSite", "DecoderTrainConfig", "InversionDecoder", "InversionSamples", "PairSource", "default_sites",
+    "DECODER_TRAIN", "METRICS", "DecoderConfig", "DecoderObjective", "FeatureSite", "RebalanceConfig", "decoder_train_config", "InversionDecoder", "InversionSamples", "PairSource", "default_sites",
     "distance", "feature_query", "generate", "inside_fractions", "load_decoder", "panel_callables", "query_activation",
     "read_sites", "real_positions", "sample", "save_decoder", "sequence_loss", "site_acts", "site_name", "site_widths", "split_site",
     "strongest_latent", "token_logprobs",

@@ -1,8 +1,10 @@
-"""What every dictionary shares: the output contract, sparse kernels, decoder-norm helpers, init.
+"""What every dictionary shares: the `Dictionary` contract, sparse kernels, decoder-norm helpers, init.
 
-Any dictionary-like module (TopK SAE, ReLU SAE, binary autoencoder, codebook) has
-`encode(x) -> latents [N, F]`, `decode(latents) -> x_hat [N, D]` and `forward(x)` returning a
-NamedTuple whose first field is `x_hat`, so the site layer can splice any of them.
+Any dictionary (TopK SAE, ReLU SAE, binary autoencoder, ...) has `encode(x) -> latents [N, F]`,
+`decode(latents) -> x_hat [N, D]` and `forward(x)` returning a NamedTuple whose first field is `x_hat`,
+so the site layer can splice any of them; `architecture` names it in files, its config is a frozen
+dataclass, and `default_objective()` is what `train_sae` optimises when no objective is passed.
+Adding one: a file in `sae/` with its config, module and objective, and `register_architecture(...)`.
 
 Sparse kernels (cost grows with K, not F):
     gather_pre(x, W_enc, b_enc, idx, pre)  = pre[n, idx[n, j]]  whose backward touches only the K chosen columns
@@ -13,9 +15,39 @@ Dimension key: N tokens, D input dim, F latents, K active latents.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@runtime_checkable
+class Dictionary(Protocol):
+    """The contract every dictionary obeys (see the module docstring)."""
+
+    architecture: ClassVar[str]  # its name in cfg.json
+    cfg: Any  # a frozen dataclass with d_in and d_sae
+
+    def forward(self, x: Tensor) -> tuple: ...  # a NamedTuple whose first field is x_hat
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+    def config_dict(self) -> dict: ...
+
+    def default_objective(self) -> Any: ...
+
+
+class DictionaryModule(nn.Module):
+    """Shared plumbing: the config as a dict comes from the dataclass itself."""
+
+    cfg: Any
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
 
 
 class _GatherPre(torch.autograd.Function):
@@ -111,7 +143,7 @@ def check_input(name: str, x: Tensor, d_in: int, dtype: torch.dtype) -> Tensor:
     return x.reshape(-1, d_in).to(dtype)
 
 
-class UnitNormSAE(nn.Module):
+class UnitNormSAE(DictionaryModule):
     """What the TopK and ReLU SAEs share: SAELens-layout parameters W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D]
     (W_enc registered first), the tied unit-norm init, b_dec from the geometric median, the dense decode, and the
     training hooks that keep decoder rows unit-norm (the gradient along each row removed before the step, rows

@@ -24,7 +24,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import check_input
+from .io import register_architecture
+from .base import DictionaryModule, check_input
 
 Estimator = Literal["ste", "sigmoid_ste", "reference"]
 
@@ -71,7 +72,7 @@ class BinaryOutput(NamedTuple):
     pre_acts: Tensor  # [..., F]
 
 
-class BinaryAE(nn.Module):
+class BinaryAE(DictionaryModule):
     """Binary autoencoder with SAELens-layout names; the input is not shifted by b_dec (as in the reference)."""
 
     architecture = "nbfeatures.binary"
@@ -102,8 +103,8 @@ class BinaryAE(nn.Module):
         x_hat = self.decode(bits).to(x.dtype)
         return BinaryOutput(x_hat.reshape(*lead, -1), bits.reshape(*lead, -1), pre.reshape(*lead, -1))
 
-    def config_dict(self) -> dict:
-        return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae, "estimator": self.cfg.estimator}
+    def default_objective(self) -> BinaryObjective:
+        return BinaryObjective(self)
 
 
 def binary_entropy_bits(p: Tensor, eps: float = 1e-10) -> Tensor:
@@ -176,8 +177,15 @@ class BinaryObjective:
             "dense_fraction": (density > 0.1).float().mean().item(), "entropy_on": float(entropy_on),
         }
 
+    def config_dict(self) -> dict:
+        return {"entropy_coef": self.entropy_coef, "cov_coef": self.cov_coef, "entropy_start": self.entropy_start,
+                "entropy_threshold": self.entropy_threshold}
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"step": torch.tensor(self.step)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.step = int(state["step"])
+
+
+register_architecture("nbfeatures.binary", BinaryAE, BinaryConfig)

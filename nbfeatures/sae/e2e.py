@@ -86,6 +86,10 @@ class E2EObjective:
         for p in sites.unwrap(model).parameters():
             p.requires_grad_(False)
 
+    def config_dict(self) -> dict:
+        return {"site": self.site, "kind": self.kind, "l1_coef": self.l1_coef, "kl_coef": self.kl_coef, "beta": self.beta,
+                "mask_first": self.mask_first, "downstream": self.downstream}
+
     def _check_width(self, x: Tensor) -> None:
         d_in = getattr(getattr(self.sae, "cfg", None), "d_in", None)
         if d_in is not None and x.shape[-1] != d_in:

@@ -13,6 +13,7 @@ Files are written atomically; nothing is unpickled (dictionary_learning's `ae.pt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any
@@ -22,23 +23,19 @@ from torch import nn
 
 from .._io import load_json, load_tensors, save_json, save_tensors
 from .._versions import __version__
-from .binary import BinaryAE, BinaryConfig
-from .relu import ReLUConfig, ReLUSAE
-from .topk import TopKConfig, TopKSAE
 
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 _KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
-# architecture name in cfg.json -> (module class, config class, config fields beyond d_in / d_sae)
-ARCHITECTURES: dict[str, tuple[type[nn.Module], type, tuple[str, ...]]] = {
-    "topk": (TopKSAE, TopKConfig, ("k",)),
-    "standard": (ReLUSAE, ReLUConfig, ()),
-    "nbfeatures.binary": (BinaryAE, BinaryConfig, ("estimator",)),
-}
+# architecture name in cfg.json -> (module class, config class); each dictionary's file registers itself
+ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {}
 
 
-def register_architecture(name: str, module_cls: type[nn.Module], config_cls: type, fields: tuple[str, ...] = ()) -> None:
-    """Let load_sae build another dictionary (binary autoencoder, codebook, ...) from its cfg.json."""
-    ARCHITECTURES[name] = (module_cls, config_cls, fields)
+def register_architecture(name: str, module_cls: type[nn.Module], config_cls: type) -> None:
+    """Let load_sae build a dictionary from a cfg.json whose `architecture` is `name`; `config_cls` is a dataclass
+    whose fields are read from cfg.json (those with defaults may be absent)."""
+    if not dataclasses.is_dataclass(config_cls) or not {"d_in", "d_sae"} <= {f.name for f in dataclasses.fields(config_cls)}:
+        raise ValueError(f"register_architecture({name!r}): the config must be a dataclass with d_in and d_sae fields")
+    ARCHITECTURES[name] = (module_cls, config_cls)
 
 
 def save_sae(sae: nn.Module, folder: str | os.PathLike, *, hook_name: str | None = None, hf_hook_name: str | None = None,
@@ -106,9 +103,11 @@ def load_sparsity(folder: str | os.PathLike) -> torch.Tensor | None:
 def _build(folder: pathlib.Path, arch: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"{folder}: architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
-    module_cls, config_cls, fields = ARCHITECTURES[arch]
+    module_cls, config_cls = ARCHITECTURES[arch]
+    extra = [f for f in dataclasses.fields(config_cls) if f.name not in ("d_in", "d_sae")]
     try:
-        config = config_cls(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), **{f: cfg[f] for f in fields})
+        config = config_cls(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
+                            **{f.name: cfg[f.name] for f in extra if f.name in cfg or f.default is dataclasses.MISSING})  # fmt: skip
     except KeyError as e:
         raise ValueError(f"{folder}: config lacks {e.args[0]!r}, needed for architecture {arch!r}") from None
     sae = module_cls(config, seed=None)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .io import register_architecture
 from .base import FiringTracker, UnitNormSAE, check_input, fvu
 
 
@@ -56,8 +57,8 @@ class ReLUSAE(UnitNormSAE):
         x_hat = self.decode(latents).to(x.dtype)
         return ReLUOutput(x_hat.reshape(*lead, -1), latents.reshape(*lead, -1), pre.reshape(*lead, -1))
 
-    def config_dict(self) -> dict:
-        return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae}
+    def default_objective(self) -> ReLUObjective:
+        return ReLUObjective(self)
 
 
 class ReLUObjective:
@@ -81,8 +82,14 @@ class ReLUObjective:
             "l0": active.sum(-1).float().mean().item(), "dead_fraction": dead.float().mean().item(),
         }
 
+    def config_dict(self) -> dict:
+        return {"l1_coef": self.l1_coef, "dead_tokens": self.firing.dead_tokens}
+
     def state_dict(self) -> dict[str, Tensor]:
         return self.firing.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.firing.load_state_dict(state)
+
+
+register_architecture("standard", ReLUSAE, ReLUConfig)

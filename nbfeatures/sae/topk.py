@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .io import register_architecture
 from .base import FiringTracker, UnitNormSAE, check_input, dense_from_sparse, fvu, gather_pre, sparse_decode
 
 
@@ -89,8 +90,8 @@ class TopKSAE(UnitNormSAE):
         x_hat = self.decode_sparse(acts, idx).to(x.dtype)
         return TopKOutput(x_hat.reshape(*lead, -1), acts.reshape(*lead, -1), idx.reshape(*lead, -1), pre.reshape(*lead, -1))
 
-    def config_dict(self) -> dict:
-        return {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae, "k": self.cfg.k}
+    def default_objective(self) -> TopKObjective:
+        return TopKObjective(self)
 
 
 class TopKObjective:
@@ -136,8 +137,14 @@ class TopKObjective:
         logs["loss"] = loss.item()
         return loss, logs
 
+    def config_dict(self) -> dict:
+        return {"aux_coef": self.aux_coef, "k_aux": self.k_aux, "dead_tokens": self.firing.dead_tokens, "multi_topk": self.multi_topk}
+
     def state_dict(self) -> dict[str, Tensor]:
         return self.firing.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.firing.load_state_dict(state)
+
+
+register_architecture("topk", TopKSAE, TopKConfig)

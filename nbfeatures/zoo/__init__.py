@@ -1,57 +1,72 @@
-"""Tiny trained transformers shipped with the package, as plain transformers folders.
+"""Tiny trained models shipped with the package and the ONE checked loader for zoo names, folders and hub ids.
 
-Each `nbfeatures/zoo/<name>/` holds config.json, model.safetensors, tokenizer files and model_card.json, so
-`AutoModelForCausalLM.from_pretrained(zoo.path(name))` works without nbfeatures. `load_pretrained` adds
-zoo names, clear errors for broken folders, and device placement.
+Everything tied to a base model lives under its folder, and every folder has a `card.json` (how it was made,
+what it measures):
 
-Codebook models (`tokfsm-codebook`, `stories-codebook`, ...) are such folders too (the finetuned transformer)
-plus codebooks.safetensors and codebooks.json naming their base zoo model; `load_codebook(name)` returns the
-model with its codebooks inserted, `load_pretrained(name)` the finetuned transformer alone.
+    zoo/<model>/                       a plain transformers folder (config.json, model.safetensors, tokenizer)
+    zoo/<model>/codebooks/<name>/      a codebook model: the finetuned transformer + codebooks.{json,safetensors}
+    zoo/<model>/saes/<run>/            a dictionary in the SAELens v6 layout
+    zoo/<model>/inversion/             an InversionView decoder
+
+`AutoModelForCausalLM.from_pretrained(zoo.path(name))` works without nbfeatures. `load_pretrained` adds zoo
+names, refuses folders whose weights do not match their config (transformers would fill them at random), and
+places the model; `load_model` / `wrap` return it wrapped for the site layer. The scripts that rebuild every
+folder are in `nbfeatures.recipes`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
+
+from .. import sites
 
 ZOO_DIR = Path(__file__).parent
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-__all__ = ["available", "codebook_models", "path", "card", "load_pretrained", "load_codebook"]
+__all__ = ["available", "base_models", "codebook_models", "path", "saes", "card", "load_pretrained", "load_model", "wrap"]
 
 
-def available() -> list[str]:
-    """Names of the shipped models."""
+def base_models() -> list[str]:
+    """Names of the shipped base models."""
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
 
 
 def codebook_models() -> list[str]:
-    """Names of the shipped codebook models (a subset of `available()`)."""
-    return [n for n in available() if (ZOO_DIR / n / "codebooks.json").is_file()]
+    """Names of the shipped codebook models."""
+    return sorted(p.name for p in ZOO_DIR.glob("*/codebooks/*") if (p / "codebooks.json").is_file())
 
 
-def load_codebook(name_or_path: str | Path):
-    """A CodebookModel from a zoo codebook model's name or a folder written by CodebookModel.save."""
-    from ..codebook_model import load_codebook_model
-
-    name = str(name_or_path)
-    if name in codebook_models():
-        return load_codebook_model(ZOO_DIR / name)
-    if Path(name).expanduser().is_dir():
-        return load_codebook_model(Path(name).expanduser())
-    raise ValueError(f"{name!r} is neither a zoo codebook model (available: {codebook_models()}) nor a folder")
+def available() -> list[str]:
+    """Names of every shipped model: base models and codebook models (each a transformers folder)."""
+    return sorted(base_models() + codebook_models())
 
 
 def path(name: str) -> Path:
     """The folder of shipped model `name`."""
-    if name not in available():
+    if name in base_models():
+        return ZOO_DIR / name
+    found = [p for p in ZOO_DIR.glob(f"*/codebooks/{name}") if name in codebook_models()]
+    if not found:
         raise ValueError(f"unknown zoo model {name!r}; available: {available()}")
-    return ZOO_DIR / name
+    return found[0]
 
 
-def card(name: str) -> dict:
-    """The model card: training config, tokens seen, wall time, hardware, final metrics, weights' sha256."""
-    return json.loads((path(name) / "model_card.json").read_text())
+def saes(model: str) -> dict[str, Path]:
+    """The dictionaries shipped for base model `model`: run name -> folder (SAELens v6 layout + card.json)."""
+    folder = path(model) / "saes"
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "card.json").is_file()} if folder.is_dir() else {}
+
+
+def card(name_or_folder: str | os.PathLike) -> dict:
+    """The card of a zoo model by name, or of any zoo folder: how it was made (config, data seen, time, hardware,
+    command, weights' sha256) and what it measured."""
+    folder = path(name_or_folder) if isinstance(name_or_folder, str) and name_or_folder in available() else Path(name_or_folder)
+    if not (folder / "card.json").is_file():
+        raise ValueError(f"{folder} has no card.json (zoo models: {available()})")
+    return json.loads((folder / "card.json").read_text())
 
 
 def load_pretrained(name_or_path: str | Path, device=None):
@@ -63,7 +78,7 @@ def load_pretrained(name_or_path: str | Path, device=None):
 
     name = str(name_or_path)
     if name in available():
-        folder = ZOO_DIR / name
+        folder = path(name)
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
     elif isinstance(name_or_path, Path) or name.startswith((".", "/", "~")):
@@ -106,3 +121,18 @@ def _load_checked(folder: Path):
 def _place(model, device):
     model.eval()
     return model.to(device) if device is not None else model
+
+
+def load_model(name_or_path: str | os.PathLike, device: Any = None) -> sites.Model:
+    """A zoo name (`nbf.zoo.available()`), a local model folder or a hub id -> the wrapped model with its tokenizer."""
+    hf, tokenizer = load_pretrained(name_or_path, device=device)
+    return sites.wrap(hf, tokenizer)
+
+
+def wrap(model: Any, tokenizer: Any = None) -> sites.Model:
+    """`sites.wrap` for modules; a folder, hub id or zoo name goes through `load_model`'s checked loader."""
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is not None:
+            raise ValueError("wrap(folder or name) reads the tokenizer from the folder; pass tokenizer= only with a module")
+        return load_model(model)
+    return sites.wrap(model, tokenizer)
