@@ -24,8 +24,7 @@
 import torch
 import plotly.graph_objects as go
 import nbfeatures as nbf
-from nbfeatures.steering import steering_fn, token_strings
-from nbfeatures.widgets import SteeringPanel
+from nbfeatures import SteeringPanel, steering_fn, token_strings
 
 model = nbf.load_model("stories")
 tok = nbf.sites.tokenizer_of(model)

@@ -29,16 +29,14 @@
 # %%
 import time
 import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_objects as go
-from nbfeatures import sites, zoo
-from nbfeatures.data.tokfsm import TokFSM, transition_accuracy, first_transition_accuracy
-from nbfeatures.codebook_model import PatchCodes, load_codebook_model
-from nbfeatures.code_search import NeuronBaseline, best_code_per_label, codes_frame, collect_codes
-from nbfeatures.widgets.fsm import FSMPanel
+from nbfeatures import FSMPanel, sites, zoo
+from nbfeatures.data import TokFSM, first_transition_accuracy, transition_accuracy
+from nbfeatures.codebook import NeuronBaseline, PatchCodes, best_code_per_label, codes_frame, collect_codes, load_codebook_model
 
 t0 = time.perf_counter()
 torch.manual_seed(0)
 fsm = TokFSM()
-base = sites.load_model("tokfsm")
+base = zoo.load_model("tokfsm")
 VARIANTS = ["tokfsm-codebook-attn", "tokfsm-codebook", "tokfsm-codebook-k4"]
 cbs = {name: load_codebook_model(name) for name in VARIANTS}   # one call: finetuned model + codebooks
 cb = cbs["tokfsm-codebook"]

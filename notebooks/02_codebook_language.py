@@ -24,9 +24,8 @@
 import time
 import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_objects as go
 from nbfeatures import zoo
-from nbfeatures.data.stories import StoryCorpus
-from nbfeatures.codebook_model import ForceCodes, load_codebook_model
-from nbfeatures.code_search import NeuronBaseline, best_code_per_label, regex_targets
+from nbfeatures.data import StoryCorpus
+from nbfeatures.codebook import ForceCodes, NeuronBaseline, best_code_per_label, load_codebook_model, regex_targets
 
 t0 = time.perf_counter()
 torch.manual_seed(0)

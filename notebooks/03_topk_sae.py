@@ -23,15 +23,10 @@
 # %%
 import torch, plotly.express as px, pandas as pd
 import nbfeatures as nbf
-from nbfeatures import metrics
+from nbfeatures import (FeatureGallery, LiveCurves, SteeringPanel, TrainConfig, evaluate_sae, harvest, metrics, steering_fn,
+                        summarize_features, token_strings, train_sae)
 from nbfeatures.data import StoryCorpus
-from nbfeatures.harvest import harvest
-from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE
-from nbfeatures.train import TrainConfig, train_sae
-from nbfeatures.evals import evaluate_sae
-from nbfeatures.features import summarize_features
-from nbfeatures.steering import steering_fn, token_strings
-from nbfeatures.widgets import FeatureGallery, LiveCurves, SteeringPanel
+from nbfeatures.sae import TopKConfig, TopKObjective, TopKSAE
 
 torch.manual_seed(0)
 model = nbf.load_model("stories")

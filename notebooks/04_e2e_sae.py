@@ -25,29 +25,25 @@
 # the clean model being the target. *e2e+ds* adds the MSE between spliced and clean residual streams at every later layer (weight $\beta / L_\text{ds}$), so the SAE's output also keeps the later computation on its usual track. With TopK SAEs the sparsity is fixed by $k$, so runs with the same $k$ are compared at the same L0.
 
 # %% [markdown]
-# The sweep (k = 4, 8, 16, 32 local; k = 4, 8, 16 e2e and e2e+ds, each warm-started from the local SAE with the same k; one local SAE briefly finetuned on KL + MSE, the cheap recipe) was trained once by `python -m nbfeatures.zoo.train_saes` and ships with the package. Each folder carries a card with its recipe; the numbers below are measured here, on stories the model never saw.
+# The sweep (k = 4, 8, 16, 32 local; k = 4, 8, 16 e2e and e2e+ds, each warm-started from the local SAE with the same k; one local SAE briefly finetuned on KL + MSE, the cheap recipe) was trained once by `python -m nbfeatures.recipes.train_saes` and ships with the package. Each folder carries a card with its recipe; the numbers below are measured here, on stories the model never saw.
 
 # %%
 import time
 t_start = time.perf_counter()
-import json, pathlib
 import numpy as np, pandas as pd, torch, plotly.express as px, plotly.graph_objects as go
 import nbfeatures as nbf
-from nbfeatures.evals import evaluate_sae
-from nbfeatures.harvest import TokenSource
-from nbfeatures.sae.e2e import E2EObjective, downstream_sites, nearest_neighbour_cosine, warm_start_
-from nbfeatures.sae.io import load_sae
-from nbfeatures.sae.topk import TopKSAE
-from nbfeatures.train import TrainConfig, train_sae
-from nbfeatures.widgets.live import LiveCurves
-from nbfeatures.zoo.train_saes import E2E_SITE, SAE_DIR, story_windows
+from nbfeatures import LiveCurves, TokenSource, TrainConfig, evaluate_sae, train_sae, zoo
+from nbfeatures.data import story_windows
+from nbfeatures.sae import E2EObjective, TopKSAE, downstream_sites, load_sae, nearest_neighbour_cosine, warm_start_
 
+SAE_DIR = zoo.path("stories") / "saes"  # the shipped dictionaries, each with a card.json naming its site and recipe
+E2E_SITE = zoo.card(SAE_DIR / "local_k8")["site"]
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny model: one thread is as fast, and far faster on a busy machine
 model = nbf.load_model("stories")
 held_out = story_windows(seed=1, n_stories=120)[:32]  # the model and the SAEs were trained on seed 0
 DS = downstream_sites(model, E2E_SITE)
-cards = {p.name: json.loads((p / "card.json").read_text()) for p in sorted(SAE_DIR.iterdir()) if (p / "card.json").is_file()}
+cards = {run: zoo.card(folder) for run, folder in zoo.saes("stories").items()}
 cards = {r: c for r, c in cards.items() if c["recipe"]["kind"] in ("local", "e2e", "e2e+ds", "kl+mse")}  # not the BAEs
 runs = list(cards)
 pd.DataFrame([{"run": r, "kind": c["recipe"]["kind"], "k": c["recipe"]["dictionary"]["k"], "steps": c["recipe"]["train"]["steps"],

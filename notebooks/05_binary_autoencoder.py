@@ -23,22 +23,20 @@
 # %%
 import time
 t_start = time.perf_counter()
-import json
 import numpy as np, pandas as pd, torch, plotly.express as px
 import nbfeatures as nbf
-from nbfeatures import metrics
-from nbfeatures.data.stories import StoryCorpus
-from nbfeatures.evals import compare_density
-from nbfeatures.features import summarize_features
-from nbfeatures.harvest import harvest
-from nbfeatures.sae.binary import BinaryAE, BinaryConfig, BinaryObjective, deviation_acts, feature_set_entropy
-from nbfeatures.sae.io import load_sae
-from nbfeatures.sae.relu import ReLUConfig, ReLUObjective, ReLUSAE
-from nbfeatures.steering import token_strings
-from nbfeatures.train import TrainConfig, train_sae
-from nbfeatures.widgets.gallery import FeatureGallery
-from nbfeatures.widgets.live import LiveCurves
-from nbfeatures.zoo.train_saes import BAE_OBJECTIVE, BAE_SITES, E2E_SITE, SAE_DIR, story_windows
+from nbfeatures import (FeatureGallery, LiveCurves, TrainConfig, compare_density, harvest, metrics, summarize_features, token_strings,
+                        train_sae, zoo)
+from nbfeatures.data import StoryCorpus, story_windows
+from nbfeatures.sae import (BinaryAE, BinaryConfig, BinaryObjective, ReLUConfig, ReLUObjective, ReLUSAE, deviation_acts,
+                            feature_set_entropy, load_sae)
+
+# the shipped dictionaries' cards name their sites and recipes
+SAE_DIR = zoo.path("stories") / "saes"
+BAE_CARDS = {card["site"]: card for card in map(zoo.card, zoo.saes("stories").values()) if card["recipe"]["kind"] == "bae"}
+BAE_SITES = sorted(BAE_CARDS, key=lambda s: (int(s.split(".")[1]), s.endswith("post")))  # forward order
+BAE_OBJECTIVE = BAE_CARDS["blocks.1.hook_resid_pre"]["recipe"]["objective"]
+E2E_SITE = zoo.card(SAE_DIR / "local_k8")["site"]
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny model: one thread is as fast, and far faster on a busy machine
@@ -68,7 +66,7 @@ with torch.no_grad():
 {"held-out FVU": live_fvu, "entropy of the held-out set (bits)": feature_set_entropy(bae, x_held)}
 
 # %% [markdown]
-# **Entropy across layers.** The shipped BAEs (one per residual stream, trained for 3000 steps by `python -m nbfeatures.zoo.train_saes`) estimate the entropy of the same held-out tokens at each depth.
+# **Entropy across layers.** The shipped BAEs (one per residual stream, trained for 3000 steps by `python -m nbfeatures.recipes.train_saes`) estimate the entropy of the same held-out tokens at each depth.
 
 # %%
 baes = {s: load_sae(SAE_DIR / f"bae_{s}") for s in BAE_SITES}

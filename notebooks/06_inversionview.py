@@ -31,7 +31,7 @@
 # the decoder choose it.
 #
 # The decoders used here ship in the zoo (`nbfeatures/zoo/<model>/inversion/`, trained on CPU by
-# `python -m nbfeatures.zoo.train_inversion <model>`; see their cards below). Training draws a site per pair; with
+# `python -m nbfeatures.recipes.train_inversion <model>`; see their cards below). Training draws a site per pair; with
 # `rebalance` (the reference's intended scheme, which its release never applies) every few hundred steps the decoder's
 # in-ε fraction is measured per site and sites it inverts badly get more pairs. A site can also be a **feature site**: a
 # dictionary (an SAE, a codebook) read at a site, one latent at a time, so the decoder answers "which inputs make this
@@ -39,22 +39,17 @@
 
 # %%
 import time
-import numpy as np, pandas as pd, torch
+import numpy as np, pandas as pd, torch, plotly.graph_objects as go
 import nbfeatures as nbf
-from nbfeatures import zoo
-from nbfeatures.data.counting import Counting
-from nbfeatures.data.tokfsm import TokFSM
-import plotly.graph_objects as go
-from nbfeatures.inversion import FeatureSite, load_decoder, sample, panel_callables, read_sites
-from nbfeatures.plots.inversion import inversion_samples
-from nbfeatures.zoo.train_inversion import TOKFSM_FEATURE_SITE, tokfsm_codebook
-from nbfeatures.widgets.inversion import InversionPanel
+from nbfeatures import InversionPanel, zoo
+from nbfeatures.data import Counting, TokFSM
+from nbfeatures.inversion import FeatureSite, load_decoder, panel_callables, read_sites, sample
 
 torch.manual_seed(0)
 task = Counting()
 model = nbf.load_model("counting")
 decoder = load_decoder(zoo.path("counting") / "inversion")
-card = __import__("json").loads((zoo.path("counting") / "inversion" / "decoder.json").read_text())["card"]
+card = zoo.card(zoo.path("counting") / "inversion")
 print("probed model:", zoo.card("counting")["metrics"], "| decoder:", card["pairs_seen"], "pairs in",
       card["wall_time_s_total"], "s of CPU training in two runs:")
 for c in (card["warm_start"], card):
@@ -78,7 +73,7 @@ out = sample(decoder, model, SITE, query=query, position=pos, temperatures=(0.5,
 print(f"query {task.text(query)!r} at position {pos} (':'); {out.inside_fraction:.0%} of 24 samples inside ε = {EPS} "
       f"({time.perf_counter() - t0:.1f} s including their re-runs through the model)")
 show = [task.vocab[t] for t in range(task.vocab_size)]
-inversion_samples([[show[t] for t in row] for row in out.tokens[:20]], out.distance[:20].tolist(),
+nbf.plots.inversion_samples([[show[t] for t in row] for row in out.tokens[:20]], out.distance[:20].tolist(),
                   [c.tolist() for c in out.colour[:20]], out.position[:20].tolist(), EPS,
                   title=f"closest 20 of 24 samples for {task.text(query)!r} at ':' ({SITE})")
 
@@ -164,7 +159,7 @@ weights.iloc[[0, len(weights) // 2, -1]].round(3)
 fsm = TokFSM()
 tmodel = nbf.load_model("tokfsm")
 tdecoder = load_decoder(zoo.path("tokfsm") / "inversion")
-tcard = __import__("json").loads((zoo.path("tokfsm") / "inversion" / "decoder.json").read_text())["card"]
+tcard = zoo.card(zoo.path("tokfsm") / "inversion")
 print("decoder:", tcard["pairs_seen"], "pairs in", tcard["wall_time_s_total"], "s of CPU training; sites:", tdecoder.cfg.sites)
 TSITE, TPOS = "blocks.3.hook_resid_post", 12  # BOS, then state j at tokens 2j+1, 2j+2: position 12 ends state 5
 
@@ -198,7 +193,9 @@ print(f"inside ε: {tsummary['inside ε']:.0%}; of those, {tsummary['same state'
 
 # %%
 folder = zoo.path("tokfsm") / "inversion"
-codebook = FeatureSite.from_codebook(tokfsm_codebook(None, folder), TOKFSM_FEATURE_SITE)
+layer = nbf.codebook.load_codebook_layer(folder / "codebook")  # fitted once by the recipe, saved with the decoder
+TOKFSM_FEATURE_SITE = layer.meta["site"]
+codebook = FeatureSite.from_codebook(layer, TOKFSM_FEATURE_SITE)
 walks = fsm.sample(512, seed=2027)[:, :25]  # unconditioned baseline: how often does a random walk choose the code?
 chosen = codebook.latents(read_sites(tmodel, walks, [TOKFSM_FEATURE_SITE])[TOKFSM_FEATURE_SITE])[:, 1:] > 0  # [N, T, C]
 frows = []

@@ -106,3 +106,35 @@ def test_a_missing_script_is_reported(tmp_path):
     copy = tmp_path / "00_quickstart.ipynb"
     copy.write_bytes((NOTEBOOKS / copy.name).read_bytes())
     assert "no paired 00_quickstart.py" in pair_mismatch(copy)
+
+
+def import_problems(nb: nbformat.NotebookNode) -> list[str]:
+    """A notebook imports what it needs in its first code cell, in at most 6 import statements, never from a recipe
+    (training script): shared constants live in cards and data modules."""
+    import ast
+
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    problems = []
+    for i, cell in enumerate(code):
+        for node in ast.walk(ast.parse(cell.source)):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+            if any(n.startswith("nbfeatures.recipes") or n.startswith("nbfeatures.zoo.") for n in names):
+                problems.append(f"code cell {i} imports a recipe or zoo internals: {names}")
+    first = [n for n in ast.parse(code[0].source).body if isinstance(n, (ast.Import, ast.ImportFrom))] if code else []
+    if len(first) > 6:
+        problems.append(f"the import cell has {len(first)} import statements (at most 6)")
+    return problems
+
+
+@pytest.mark.parametrize("ipynb", IPYNBS, ids=lambda p: p.stem)
+def test_notebook_imports_are_short_and_never_from_a_recipe(ipynb):
+    assert import_problems(nbformat.read(ipynb, as_version=4)) == []
+
+
+def test_the_import_check_catches_a_recipe_import_and_a_long_import_cell():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("\n".join(f"import m{i}" for i in range(7))),
+                nbformat.v4.new_code_cell("from nbfeatures.recipes.train_saes import E2E_SITE")]
+    problems = import_problems(nb)
+    assert any("at most 6" in p for p in problems) and any("recipe" in p for p in problems)

@@ -9,12 +9,12 @@ then `register_architecture(name, Module, Config)` at the bottom of that file an
 """
 
 from .base import Dictionary
-from .binary import BinaryAE, BinaryConfig, BinaryObjective, feature_set_entropy
-from .e2e import E2EObjective, finetune_kl_mse, warm_start_
+from .binary import BinaryAE, BinaryConfig, BinaryObjective, deviation_acts, feature_set_entropy
+from .e2e import E2EObjective, downstream_sites, finetune_kl_mse, nearest_neighbour_cosine, warm_start_
 from .io import load_sae, register_architecture, save_sae
 from .relu import ReLUConfig, ReLUObjective, ReLUSAE
 from .topk import TopKConfig, TopKObjective, TopKSAE
 
 __all__ = ["BinaryAE", "BinaryConfig", "BinaryObjective", "Dictionary", "E2EObjective", "ReLUConfig", "ReLUObjective", "ReLUSAE",
-           "TopKConfig", "TopKObjective", "TopKSAE", "feature_set_entropy", "finetune_kl_mse", "load_sae", "register_architecture",
-           "save_sae", "warm_start_"]
+           "TopKConfig", "TopKObjective", "TopKSAE", "deviation_acts", "downstream_sites", "feature_set_entropy", "finetune_kl_mse", "load_sae",
+           "nearest_neighbour_cosine", "register_architecture", "save_sae", "warm_start_"]
