@@ -18,7 +18,7 @@ from .features import FeatureSummary, summarize_features
 from .harvest import TokenSource, harvest
 from .sites import GenerateOutput, Model, RunOutput, generate, read_acts, resolve, run, site_names, tokenizer_of, unwrap
 from .steering import steering_fn, token_strings
-from .train import TrainConfig, train, train_sae
+from .train import TrainConfig, train_sae
 from .widgets import FeatureGallery, FSMPanel, InversionPanel, LiveCurves, SteeringPanel
 from .zoo import load_model, wrap
 
@@ -27,7 +27,7 @@ __all__ = [
     "Model", "wrap", "load_model", "unwrap", "tokenizer_of", "site_names", "resolve",
     "read_acts", "run", "generate", "RunOutput", "GenerateOutput",
     "Edit", "Splice", "Steer", "Ablate",
-    "harvest", "TokenSource", "train", "train_sae", "TrainConfig", "evaluate_sae", "compare_density",
+    "harvest", "TokenSource", "train_sae", "TrainConfig", "evaluate_sae", "compare_density",
     "summarize_features", "FeatureSummary", "steering_fn", "token_strings",
     "CodebookModel", "load_codebook_model", "ForceCodes", "BlockCodes", "PatchCodes",
     "FeatureGallery", "FSMPanel", "InversionPanel", "LiveCurves", "SteeringPanel",

@@ -82,8 +82,9 @@ class TrainConfig:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """The one learning-rate schedule: linear warm-up, then "linear" (constant, then to 0 over the last
-    decay_fraction of steps) or "cosine" (to min_lr_ratio at the last step)."""
+    """The one learning-rate schedule: linear warm-up, then "linear" (constant, then towards 0 over the last
+    decay_fraction of steps) or "cosine" (towards min_lr_ratio); both reach their end value at step == steps,
+    one past the last step trained."""
     if cfg.schedule == "cosine":
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -239,9 +240,13 @@ def load_checkpoint(path: pathlib.Path, module: nn.Module, opt: torch.optim.Opti
     state = load_json(path / "trainer_state.json")
     ours = _configs(module, objective, cfg)
     for key, want in ours.items():
-        if state.get(key) != want:
-            raise ValueError(f"{path} holds another run: its {key.replace('_', ' ')} is {state.get(key)}, this run's is {want}. "
-                             "Use another checkpoint_dir, or delete this one to start afresh")  # fmt: skip
+        have = state.get(key)
+        if have != want:
+            both = isinstance(have, dict) and isinstance(want, dict)
+            differ = ", ".join(sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))) if both else ""
+            raise ValueError(f"{path} holds another run: its {key.replace('_', ' ')} is {have}, this run's is {want}"
+                             + (f" (differs in: {differ})" if differ else "")
+                             + ". Use another checkpoint_dir, or delete this one to start afresh")  # fmt: skip
     tensors = load_tensors(path / "dictionary.safetensors")
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
