@@ -19,6 +19,7 @@ token generated after it; `positions=None` means every position, prompt and gene
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Protocol, Sequence, Union, runtime_checkable
 
@@ -86,7 +87,8 @@ class Splice:
     positions: Positions = None
 
     def apply(self, act: Tensor, mask: Tensor) -> tuple[Tensor, Any]:
-        out = self.module(act)
+        dtype = _dtype_of(self.module)
+        out = self.module(act if dtype is None or dtype == act.dtype else act.to(dtype))  # a module of another dtype: cast
         x_hat = out if isinstance(out, Tensor) else getattr(out, "x_hat", None)
         if not isinstance(x_hat, Tensor):
             raise ValueError(
@@ -97,11 +99,19 @@ class Splice:
             raise ValueError(
                 f"site {self.site}: replacement has shape {list(x_hat.shape)}, expected {list(act.shape)}"
             )
+        x_hat = x_hat.to(act.dtype)
         if self.error_term:
-            x_hat = x_hat + (act - x_hat).detach()
+            # the value is exactly act (x_hat - x_hat.detach() is exactly 0, in any dtype); the gradient reaches x_hat
+            x_hat = act.detach() + (x_hat - x_hat.detach()) if act.requires_grad or x_hat.requires_grad else act
         if not bool(mask.all()):
             x_hat = torch.where(mask.view(1, -1, *([1] * (act.dim() - 2))), x_hat, act)
         return x_hat, out
+
+
+def _dtype_of(module: Any) -> torch.dtype | None:
+    """The floating dtype of a module's parameters (None for a plain callable or a parameterless module)."""
+    params = module.parameters() if hasattr(module, "parameters") else ()
+    return next((p.dtype for p in params if p.is_floating_point()), None)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,14 @@ class Steer:
     vector: Tensor
     coef: float = 1.0
     positions: Positions = None
+
+    def __post_init__(self):
+        if not isinstance(self.coef, (int, float)) or not math.isfinite(self.coef):
+            raise ValueError(f"Steer at {self.site}: coef must be a finite number, got {self.coef!r}")
+        if not isinstance(self.vector, Tensor) or not self.vector.is_floating_point():
+            raise ValueError(f"Steer at {self.site}: vector must be a floating-point tensor, got {getattr(self.vector, 'dtype', type(self.vector).__name__)}")
+        if self.vector.device.type != "meta" and not bool(torch.isfinite(self.vector).all()):
+            raise ValueError(f"Steer at {self.site}: the steering vector contains NaN or inf")
 
     def apply(self, act: Tensor, mask: Tensor) -> tuple[Tensor, None]:
         _check_like(self.site, "steering vector", self.vector, act)

@@ -20,17 +20,19 @@ Dimension key: B batch, T position, D width at the site, H heads, E head dim, V 
 
 from __future__ import annotations
 
-import re
+import contextlib
 import warnings
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import nnsight
 import torch
 from nnsight import NNsight
+from nnsight.modeling.transformers import TransformersModel
 from torch import Tensor, nn
 
+from . import architectures
+from .architectures import Site, patterns_on
 from .edits import Edit, check_positions, position_mask
 
 Model = nnsight.Envoy  # nnsight's common base: NNsight(module) and TransformersModel(hf_model) both are one
@@ -52,10 +54,12 @@ def wrap(model: nn.Module | Model, tokenizer: Any = None) -> Model:
         raise ValueError(f"sites.wrap() takes a torch module; got {type(model).__name__} "
                          "(for a folder, hub id or zoo name use nbf.wrap or nbf.load_model)")  # fmt: skip
     model.eval()
+    architectures.attach_pattern_modules(model)
+    architectures.execution_order(model)  # measured now (one 2-token forward), so later calls run only what they ask
     if tokenizer is not None and hasattr(model, "generate") and hasattr(model, "config"):
-        from nnsight.modeling.transformers import TransformersModel
-
         return TransformersModel(model, tokenizer=tokenizer)
+    if tokenizer is not None:  # e.g. a TransformerLens model: its tokenizer lives on the module, as TransformerLens keeps it
+        model.tokenizer = tokenizer
     return NNsight(model)
 
 
@@ -65,144 +69,24 @@ def unwrap(model: Model | nn.Module) -> nn.Module:
 
 
 def tokenizer_of(model: Model) -> Any:
-    return getattr(model, "tokenizer", None) if isinstance(model, nnsight.Envoy) else None
+    if isinstance(model, TransformersModel):
+        return model.tokenizer
+    return getattr(unwrap(model), "tokenizer", None) if isinstance(model, nnsight.Envoy) else None
 
 
 # ----------------------------------------------------------------------------- site names
 
 
-@dataclass(frozen=True)
-class _Layout:
-    layers: str
-    attn: str
-    attn_proj: str  # its input is the per-head output (hook_z)
-    mlp: str
-    mlp_proj: str  # its input is the MLP hidden (hook_post)
-    ln_final: str
-
-
-_LLAMA = _Layout("model.layers", "self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "model.norm")
-_LAYOUTS = {
-    "gpt2": _Layout("transformer.h", "attn", "attn.c_proj", "mlp", "mlp.c_proj", "transformer.ln_f"),
-    "gpt_neox": _Layout("gpt_neox.layers", "attention", "attention.dense", "mlp", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-}
-_BLOCK_SITE = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|attn\.hook_z|mlp\.hook_post)")
-_HOOKS = ("hook_resid_pre", "attn.hook_z", "hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a named activation lives: a module path, its input or output, and a forward-order key."""
-
-    name: str
-    module: str
-    io: str  # "input" | "output"
-    order: float
-    heads: int | None = None  # split the last dim into [heads, -1] (hook_z)
-
-
-def _layout(module: nn.Module) -> _Layout | None:
-    model_type = getattr(getattr(module, "config", None), "model_type", None)
-    if model_type in _LAYOUTS:
-        return _LAYOUTS[model_type]
-    for layout in _LAYOUTS.values():  # unknown config: recognise the module tree instead
-        if _has(module, layout.layers):
-            return layout
-    return None
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
-_ORDER: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[int, int]]]" = weakref.WeakKeyDictionary()
-
-
-def _module_order(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """Module path -> (pre-order index, index of its last descendant).
-
-    A module's input arrives at its pre-order index and its output after all of its
-    descendants have run, which orders sites as the forward pass meets them.
-    """
-    if module not in _ORDER:
-        names = [n for n, _ in module.named_modules()]
-        index = {n: i for i, n in enumerate(names)}
-        last = {}
-        for n in reversed(names):
-            parts = n.split(".")
-            for k in range(len(parts), -1, -1):
-                ancestor = ".".join(parts[:k]) if k else ""
-                last.setdefault(ancestor, index[n])
-        _ORDER[module] = {n: (index[n], last[n]) for n in names}
-    return _ORDER[module]
-
-
 def site_names(model: Model | nn.Module) -> list[str]:
     """The TransformerLens-style site names this model supports, in forward order."""
-    module = unwrap(model)
-    layout = _layout(module)
-    if layout is None:
-        return []
-    n_layers = len(module.get_submodule(layout.layers))
-    return [f"blocks.{i}.{h}" for i in range(n_layers) for h in _HOOKS] + ["ln_final.hook_normalized"]
-
-
-def _n_heads(module: nn.Module) -> int:
-    cfg = module.config
-    for attr in ("num_attention_heads", "n_head"):
-        if getattr(cfg, attr, None):
-            return int(getattr(cfg, attr))
-    raise ValueError(f"cannot find the number of attention heads in {type(cfg).__name__}")
+    return architectures.site_names(unwrap(model))
 
 
 def resolve(model: Model | nn.Module, name: str) -> Site:
     """Resolve a site name (TransformerLens hook name or module path) for this model."""
-    module = unwrap(model)
-    layout = _layout(module)
-    path, io, heads = None, "output", None
-    m = _BLOCK_SITE.fullmatch(name)
-    if layout is not None and m:
-        i, hook = int(m.group(1)), m.group(2)
-        n_layers = len(module.get_submodule(layout.layers))
-        if i < n_layers:
-            block = f"{layout.layers}.{i}"
-            path, io = {
-                "hook_resid_pre": (block, "input"),
-                "hook_resid_post": (block, "output"),
-                "hook_attn_out": (f"{block}.{layout.attn}", "output"),
-                "hook_mlp_out": (f"{block}.{layout.mlp}", "output"),
-                "attn.hook_z": (f"{block}.{layout.attn_proj}", "input"),
-                "mlp.hook_post": (f"{block}.{layout.mlp_proj}", "input"),
-            }[hook]
-            heads = _n_heads(module) if hook == "attn.hook_z" else None
-    elif layout is not None and name == "ln_final.hook_normalized":
-        path = layout.ln_final
-    elif name and not m and _has(module, name):
-        path = name
-    if path is None:
-        raise ValueError(_unknown_site_message(module, name))
-    pre, last = _module_order(module)[path]
-    return Site(name, path, io, pre if io == "input" else last + 0.5, heads)
-
-
-def _unknown_site_message(module: nn.Module, name: str) -> str:
-    names = site_names(module)
-    kind = type(module).__name__
-    if names:
-        n_layers = (len(names) - 1) // len(_HOOKS)
-        valid = ", ".join(f"blocks.{{0..{n_layers - 1}}}.{h}" for h in _HOOKS) + ", ln_final.hook_normalized"
-        return f"unknown site {name!r} for {kind} ({n_layers} layers); valid sites: {valid}; or a module path such as {names and _example_path(module)}"
-    return f"unknown site {name!r} for {kind}: this architecture has no TransformerLens names here; use a module path, e.g. {_example_path(module)}"
-
-
-def _example_path(module: nn.Module) -> str:
-    paths = [n for n, _ in module.named_modules() if n]
-    return paths[len(paths) // 2] if paths else "<none>"
+    if not isinstance(name, str):
+        raise ValueError(f"a site is a name (str), got {type(name).__name__}: {name!r}")
+    return architectures.resolve(unwrap(model), name)
 
 
 # ----------------------------------------------------------------------------- inside a trace
@@ -215,30 +99,10 @@ def _envoy(model: Model, path: str) -> Any:
     return envoy
 
 
-def _read(envoy: Any, site: Site) -> tuple[Tensor, Any]:
-    """The activation at a site, and the raw value it came from (a tuple for transformers-4 blocks and attention)."""
-    raw = envoy.input if site.io == "input" else envoy.output
-    act = raw[0] if isinstance(raw, tuple) else raw
-    if site.heads:
-        act = act.unflatten(-1, (site.heads, -1))
-    return act, raw
-
-
-def _write(envoy: Any, site: Site, act: Tensor, raw: Any) -> None:
-    if site.heads:
-        act = act.flatten(-2)
-    if site.io == "input":
-        envoy.input = act
-    elif isinstance(raw, tuple):
-        envoy.output = (act, *raw[1:])
-    else:
-        envoy.output = act
-
-
-def _check_finite(site: Site, act: Tensor) -> None:
+def _check_finite(what: str, act: Tensor) -> None:
     if act.is_floating_point() and not bool(torch.isfinite(act).all()):
         bad = int((~torch.isfinite(act)).sum())
-        raise ValueError(f"site {site.name}: activations contain {bad} non-finite values (NaN or inf), shape {list(act.shape)}")
+        raise ValueError(f"{what} contain {bad} non-finite values (NaN or inf), shape {list(act.shape)}")
 
 
 @dataclass
@@ -246,42 +110,93 @@ class _Event:
     site: Site
     names: list[str]  # the user names read here (several names can resolve to one site)
     edits: list[Edit]
+    keep: bool = False  # another site subtracts this value (Bloom's residual inside the sublayer)
+    carries: list[str] = field(default_factory=list)  # resid_mid edits whose change this block output must carry
 
 
 def _plan(model: Model, read: Sequence[str], edits: Sequence[Edit]) -> list[_Event]:
-    """Group reads and edits by site and sort them into forward order."""
+    """Group reads and edits by site and sort them into the model's execution order."""
     events: dict[tuple[str, str], _Event] = {}
+
+    def event(site: Site) -> _Event:
+        return events.setdefault((site.module, site.io), _Event(site, [], []))
+
     for name in read:
-        site = resolve(model, name)
-        events.setdefault((site.module, site.io), _Event(site, [], [])).names.append(name)
+        event(resolve(model, name)).names.append(name)
     for edit in edits:
-        if not (isinstance(getattr(edit, "site", None), str) and callable(getattr(edit, "apply", None))):
-            raise ValueError(f"edits must be Splice, Steer, Ablate or another object with .site and .apply(act, mask); got {type(edit).__name__}")
-        site = resolve(model, edit.site)
-        events.setdefault((site.module, site.io), _Event(site, [], [])).edits.append(edit)
+        if not isinstance(edit, Edit) or not isinstance(edit.site, str):
+            raise ValueError(f"edits must be Splice, Steer, Ablate or another Edit (.site, .positions, .apply(act, mask)); got {type(edit).__name__}")
+        event(resolve(model, edit.site)).edits.append(edit)
+    module = unwrap(model)
+    for ev in list(events.values()):
+        if ev.site.minus is not None:
+            base = architectures.Site(f"{ev.site.minus[0]}:{ev.site.minus[1]}", *ev.site.minus, architectures._order_of(module, *ev.site.minus))
+            event(base).keep = True
+        if ev.site.carry is not None and ev.edits:
+            blk = architectures.Site(f"{ev.site.carry}:output", ev.site.carry, "output", architectures._order_of(module, ev.site.carry, "output"))
+            event(blk).carries.append(ev.site.module)
     return sorted(events.values(), key=lambda e: e.site.order)
 
 
 def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, acts: dict, outs: dict) -> None:
-    """Run inside a trace: at each site in forward order, apply its edits and record what was asked.
+    """Run inside a trace: at each site in execution order, apply its edits and record what was asked.
 
     `length` is the sequence length this forward pass ends at; a pass over T positions covers
     length - T .. length - 1 (the whole prompt, or the newest token under a KV cache).
     """
+    bases: dict[tuple[str, str], Tensor] = {}  # values other sites subtract, as they flow on
+    deltas: dict[str, Tensor] = {}  # resid_mid edits: the change the block output must carry
     for event in events:
-        envoy = _envoy(model, event.site.module)
-        act, raw = _read(envoy, event.site)
-        _check_finite(event.site, act)
-        if event.edits:
-            offset = length - act.shape[1]
-            for edit in event.edits:
-                mask = position_mask(getattr(edit, "positions", None), offset, act.shape[1], prompt_len, act.device)
-                act, out = edit.apply(act, mask)
-                if out is not None:
-                    outs[edit.site] = out
-            _write(envoy, event.site, act, raw)
+        site = event.site
+        envoy = _envoy(model, site.module)
+        raw = envoy.input if site.io == "input" else envoy.output
+        value = raw[0] if isinstance(raw, tuple) else raw
+        act = value
+        if site.minus is not None:
+            act = act - bases[site.minus]
+        if site.scale != 1.0:
+            act = act * site.scale
+        if site.heads:
+            act = act.unflatten(-1, (site.heads, -1))
+        changed = bool(event.carries)
+        for carried in event.carries:
+            if carried in deltas:
+                act = act + deltas.pop(carried)
+        _check_finite(f"site {site.name}: activations", act)
+        offset = length - act.shape[1]
+        for edit in event.edits:
+            mask = position_mask(getattr(edit, "positions", None), offset, act.shape[1], prompt_len, act.device)
+            new, out = edit.apply(act, mask)
+            _check_finite(f"site {site.name}: the output of {_describe(edit)}", new)
+            if site.carry is not None:
+                deltas[site.module] = deltas.get(site.module, 0) + (new - act)
+            act, changed = new, True
+            if out is not None:
+                outs[edit.site] = out
+        if changed:
+            value = act.flatten(-2) if site.heads else act
+            value = value / site.scale if site.scale != 1.0 else value
+            value = value + bases[site.minus] if site.minus is not None else value
+            if site.io == "input":
+                envoy.input = value
+            else:
+                envoy.output = (value, *raw[1:]) if isinstance(raw, tuple) else value
+        if event.keep:
+            bases[(site.module, site.io)] = value
         for name in event.names:
-            acts[name] = act
+            acts[name] = act if changed else act.clone()  # a clone: some models change sublayer outputs in place
+
+
+def _describe(edit: Any) -> str:
+    module = getattr(edit, "module", None)
+    inner = f" of {type(module).__name__}" if module is not None else ""
+    return f"edit {type(edit).__name__}{inner} at {getattr(edit, 'site', '?')}"
+
+
+def _patterns(model: Model, events: list[_Event]):
+    """Attention patterns need the eager path through the pattern modules while the trace runs."""
+    wanted = any(e.site.module.endswith(architectures.PATTERN_MODULE) for e in events)
+    return patterns_on(unwrap(model)) if wanted else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -307,10 +222,29 @@ def _encode(model: Model, inputs: Any) -> dict[str, Tensor]:
             f"inputs must be token ids [B, T] (an integer tensor), a string, a list of strings "
             f"or a tokenizer encoding; got {type(inputs).__name__}"
         )
-    if enc["input_ids"].dim() != 2:
-        raise ValueError(f"token ids must have shape [B, T]; got {list(enc['input_ids'].shape)}")
+    ids = enc["input_ids"]
+    if ids.dim() != 2:
+        raise ValueError(f"token ids must have shape [B, T]; got {list(ids.shape)}")
+    if ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"the input is empty (token ids of shape {list(ids.shape)}); give at least one token")
+    vocab, context = limits(model)
+    if vocab is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary: allowed are 0..{vocab - 1}")
+    if context is not None and ids.shape[1] > context:
+        raise ValueError(f"the input has {ids.shape[1]} tokens, more than the model's context of {context}")
     device = _device(model)
     return {k: v.to(device) for k, v in enc.items()}
+
+
+def limits(model: Model | nn.Module) -> tuple[int | None, int | None]:
+    """(vocabulary size, context length) as the model's embedding and config state them; None where unknown."""
+    module = unwrap(model)
+    cfg = getattr(module, "config", None) or getattr(module, "cfg", None)
+    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None) or getattr(cfg, "d_vocab", None)
+    context = next((int(getattr(cfg, a)) for a in ("n_positions", "max_position_embeddings", "n_ctx") if getattr(cfg, a, None)), None)
+    return vocab, context
 
 
 def _device(model: Model) -> torch.device:
@@ -355,7 +289,7 @@ def read_acts(model: Model, inputs: Any, sites: str | Sequence[str]) -> dict[str
         raise ValueError("read_acts needs at least one site")
     events = _plan(model, sites, [])
     enc = _encode(model, inputs)
-    with torch.no_grad(), _trace(model, enc) as tracer:
+    with torch.no_grad(), _patterns(model, events), _trace(model, enc) as tracer:
         acts = nnsight.save({})
         _visit(model, events, enc["input_ids"].shape[1], enc["input_ids"].shape[1], acts, {})
         tracer.stop()
@@ -363,15 +297,19 @@ def read_acts(model: Model, inputs: Any, sites: str | Sequence[str]) -> dict[str
 
 
 def run(model: Model, inputs: Any, edits: Sequence[Edit] = (), read: Sequence[str] = ()) -> RunOutput:
-    """One forward pass with edits applied in forward order; gradients flow as torch's grad mode says."""
+    """One forward pass with edits applied in execution order; gradients flow as torch's grad mode says."""
     events = _plan(model, list(read), list(edits))
     enc = _encode(model, inputs)
     prompt_len = enc["input_ids"].shape[1]
     for edit in edits:
         check_positions(getattr(edit, "positions", None), prompt_len, prompt_len)
-    with _trace(model, enc):
+    return _run(model, enc, events, prompt_len)
+
+
+def _run(model: Model, enc: dict[str, Tensor], events: list[_Event], prompt_len: int) -> RunOutput:
+    with _patterns(model, events), _trace(model, enc):
         acts, outs = nnsight.save({}), nnsight.save({})
-        _visit(model, events, prompt_len, prompt_len, acts, outs)
+        _visit(model, events, enc["input_ids"].shape[1], prompt_len, acts, outs)
         logits = nnsight.save(_logits(model.output))
     return RunOutput(logits, dict(acts), dict(outs))
 
@@ -384,13 +322,21 @@ def generate(
 
     Greedy unless `do_sample=True` is passed; other kwargs go to Hugging Face `generate`.
     """
-    if not hasattr(model, "generate") or tokenizer_of(model) is None:
-        raise ValueError("generation needs a Hugging Face causal LM wrapped with its tokenizer: wrap(model, tokenizer=...)")
+    if tokenizer_of(model) is None:
+        raise ValueError("generation needs a causal LM wrapped with its tokenizer: wrap(model, tokenizer=...)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     events = _plan(model, list(read), list(edits))
     enc = _encode(model, inputs)
     prompt_len = enc["input_ids"].shape[1]
+    context = limits(model)[1]
+    if context is not None and prompt_len + max_new_tokens > context:
+        raise ValueError(f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} runs past the model's context "
+                         f"of {context}; allowed are at most {context - prompt_len} new tokens")  # fmt: skip
     for edit in edits:
         check_positions(getattr(edit, "positions", None), prompt_len, prompt_len + max_new_tokens)
+    if not isinstance(model, TransformersModel):  # e.g. a TransformerLens model: greedy, one full forward per token
+        return _generate_by_forward(model, enc, events, prompt_len, max_new_tokens, generate_kwargs)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer_of(model).pad_token_id)
     if not events:  # nothing to touch: a tracer.all() loop that reaches no module would never end
@@ -400,7 +346,7 @@ def generate(
     with warnings.catch_warnings():
         # tracer.all() always asks for one step more than the run makes; nnsight warns about it.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with model.generate(max_new_tokens=max_new_tokens, **generate_kwargs) as tracer:
+        with _patterns(model, events), model.generate(max_new_tokens=max_new_tokens, **generate_kwargs) as tracer:
             with tracer.invoke(**enc):
                 steps, outs = nnsight.save([]), nnsight.save([])
                 step = 0
@@ -416,4 +362,21 @@ def generate(
                 tokens = nnsight.save(tracer.result)
     acts = {name: torch.cat([s[name] for s in steps], dim=1) for name in read} if steps else {}
     return GenerateOutput(tokens, acts, prompt_len, list(outs))
+
+
+def _generate_by_forward(model: Model, enc: dict[str, Tensor], events: list[_Event], prompt_len: int, max_new_tokens: int,
+                         kwargs: dict) -> GenerateOutput:  # fmt: skip
+    """Greedy generation for models without Hugging Face `generate`: the whole sequence is run again for each token."""
+    if kwargs.get("do_sample"):
+        raise ValueError(f"{type(unwrap(model)).__name__} has no Hugging Face generate: only greedy decoding (do_sample=False)")
+    if "attention_mask" in enc and not bool(enc["attention_mask"].all()):
+        raise ValueError("prompts of different lengths need padding, which this model's generation cannot take; generate them one at a time")
+    ids, outs, out = enc["input_ids"], [], None
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            out = _run(model, {"input_ids": ids}, events, prompt_len)
+            outs.append(out.outputs)
+            ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True).to(ids.device)], dim=1)
+    names = [n for e in events for n in e.names]
+    return GenerateOutput(ids, {n: out.acts[n] for n in names}, prompt_len, outs)
 

@@ -2,7 +2,7 @@
 
 Layers, bottom up (a module may import from its own layer or a lower one):
     base     edits, metrics, data/, plots/, _io, _versions      no model wrapping
-    sites    sites.py                                          the only module that imports nnsight
+    sites    architectures.py (the site table), sites.py       sites.py is the only module that imports nnsight
     zoo      zoo/                                              shipped assets and the one checked loader
     methods  harvest, train, sae/, codebook/, inversion/, evals, features, steering, course/
     widgets  widgets/                                          only plots/ and widgets/ from nbfeatures; no torch
@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "nbfeatures"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("nbfeatures._io", "nbfeatures._versions", "nbfeatures.edits", "nbfeatures.metrics", "nbfeatures.data", "nbfeatures.plots")),
-    ("sites", ("nbfeatures.sites",)),
+    ("sites", ("nbfeatures.architectures", "nbfeatures.sites")),
     ("zoo", ("nbfeatures.zoo",)),
     ("methods", ("nbfeatures.harvest", "nbfeatures.train", "nbfeatures.sae", "nbfeatures.codebook", "nbfeatures.inversion",
                  "nbfeatures.evals", "nbfeatures.features", "nbfeatures.steering", "nbfeatures.course")),

@@ -52,7 +52,7 @@ def kl_clean_to_spliced(logits_clean: Tensor, logits_spliced: Tensor, mask: Tens
 
 def downstream_sites(model: sites.Model, site: str) -> list[str]:
     """hook_resid_pre of every block after the one the site writes into (empty for the last block)."""
-    n_layers = (len(sites.site_names(model)) - 1) // 6
+    n_layers = sum(1 for n in sites.site_names(model) if re.fullmatch(r"blocks\.\d+\.hook_resid_pre", n))
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site)
     if not m or n_layers <= 0:
         raise ValueError(f"downstream sites need a TransformerLens block site like blocks.2.hook_resid_pre; got {site!r}")
