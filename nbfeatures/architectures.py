@@ -52,6 +52,7 @@ class Arch:
     resid_inside: bool = False  # attention and MLP add the residual themselves (Bloom): subtract it
     multiplier: str | None = None  # a config attribute scaling each sublayer's output before it is added (Granite)
     pattern: bool = True  # attention goes through transformers' attention interface (hook_pattern available)
+    flat_mlp: bool = False  # the MLP half runs on tokens flattened to [B*T, D] (OPT)
     unsupported: str | None = None  # why this configuration has no TransformerLens names
 
 
@@ -71,7 +72,7 @@ def _gpt_neox(cfg: Any) -> Arch:
 
 def _opt(cfg: Any) -> Arch:
     arch = Arch("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm", "self_attn_layer_norm",
-                "self_attn", "self_attn.out_proj", "final_layer_norm", "fc2", "fc2")  # fmt: skip
+                "self_attn", "self_attn.out_proj", "final_layer_norm", "fc2", "fc2", flat_mlp=True)  # fmt: skip
     if not getattr(cfg, "do_layer_norm_before", True):
         return dataclasses.replace(arch, unsupported="OPT with do_layer_norm_before=False (post-norm, e.g. opt-350m) adds "
                                                       "sublayer outputs before its norms")  # fmt: skip
@@ -170,6 +171,7 @@ class Site:
     minus: tuple[str, str] | None = None  # (module, io) whose value (as it flows on) is subtracted on read (Bloom)
     scale: float = 1.0  # the site is the raw value times this (Granite's residual multiplier)
     carry: str | None = None  # a block whose output must carry an edit's change (hook_resid_mid)
+    flat: bool = False  # the module sees tokens flattened to [B*T, ...]: viewed as [B, T, ...] here
 
 
 def _block_sites(arch: Arch, module: nn.Module, i: int) -> dict[str, dict]:
@@ -184,13 +186,14 @@ def _block_sites(arch: Arch, module: nn.Module, i: int) -> dict[str, dict]:
     out["attn.hook_z"] = dict(module=f"{blk}.{arch.o_proj}", io="input", heads=_n_heads(module))
     out["hook_attn_out"] = dict(module=f"{blk}.{arch.attn_out or arch.attn}", io="output", scale=scale,
                                 minus=(blk, "input") if arch.resid_inside else None)  # fmt: skip
+    flat = arch.flat_mlp
     if not arch.parallel:
-        out["hook_resid_mid"] = dict(module=f"{blk}.{arch.ln2 or arch.mlp}", io="input", carry=blk)
+        out["hook_resid_mid"] = dict(module=f"{blk}.{arch.ln2 or arch.mlp}", io="input", carry=blk, flat=flat)
     if arch.ln2:
-        out["ln2.hook_normalized"] = dict(module=f"{blk}.{arch.ln2}", io="output")
+        out["ln2.hook_normalized"] = dict(module=f"{blk}.{arch.ln2}", io="output", flat=flat)
     if arch.down_proj and _has(module, f"{blk}.{arch.down_proj}"):
-        out["mlp.hook_post"] = dict(module=f"{blk}.{arch.down_proj}", io="input")
-    out["hook_mlp_out"] = dict(module=f"{blk}.{arch.mlp_out or arch.mlp}", io="output", scale=scale,
+        out["mlp.hook_post"] = dict(module=f"{blk}.{arch.down_proj}", io="input", flat=flat)
+    out["hook_mlp_out"] = dict(module=f"{blk}.{arch.mlp_out or arch.mlp}", io="output", scale=scale, flat=flat,
                                minus=(f"{blk}.{arch.attn}", "output") if arch.resid_inside else None)  # fmt: skip
     out["hook_resid_post"] = dict(module=blk, io="output")
     return out

@@ -138,7 +138,7 @@ def _plan(model: Model, read: Sequence[str], edits: Sequence[Edit]) -> list[_Eve
     return sorted(events.values(), key=lambda e: e.site.order)
 
 
-def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, acts: dict, outs: dict) -> None:
+def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, acts: dict, outs: dict, batch: int) -> None:
     """Run inside a trace: at each site in execution order, apply its edits and record what was asked.
 
     `length` is the sequence length this forward pass ends at; a pass over T positions covers
@@ -151,7 +151,7 @@ def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, act
         envoy = _envoy(model, site.module)
         raw = envoy.input if site.io == "input" else envoy.output
         value = raw[0] if isinstance(raw, tuple) else raw
-        act = value
+        act = value.view(batch, -1, value.shape[-1]) if site.flat else value
         if site.minus is not None:
             act = act - bases[site.minus]
         if site.scale != 1.0:
@@ -177,6 +177,7 @@ def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, act
             value = act.flatten(-2) if site.heads else act
             value = value / site.scale if site.scale != 1.0 else value
             value = value + bases[site.minus] if site.minus is not None else value
+            value = value.reshape(-1, value.shape[-1]) if site.flat else value
             if site.io == "input":
                 envoy.input = value
             else:
@@ -291,7 +292,7 @@ def read_acts(model: Model, inputs: Any, sites: str | Sequence[str]) -> dict[str
     enc = _encode(model, inputs)
     with torch.no_grad(), _patterns(model, events), _trace(model, enc) as tracer:
         acts = nnsight.save({})
-        _visit(model, events, enc["input_ids"].shape[1], enc["input_ids"].shape[1], acts, {})
+        _visit(model, events, enc["input_ids"].shape[1], enc["input_ids"].shape[1], acts, {}, len(enc["input_ids"]))
         tracer.stop()
     return {name: acts[name] for name in sites}
 
@@ -309,7 +310,7 @@ def run(model: Model, inputs: Any, edits: Sequence[Edit] = (), read: Sequence[st
 def _run(model: Model, enc: dict[str, Tensor], events: list[_Event], prompt_len: int) -> RunOutput:
     with _patterns(model, events), _trace(model, enc):
         acts, outs = nnsight.save({}), nnsight.save({})
-        _visit(model, events, enc["input_ids"].shape[1], prompt_len, acts, outs)
+        _visit(model, events, enc["input_ids"].shape[1], prompt_len, acts, outs, len(enc["input_ids"]))
         logits = nnsight.save(_logits(model.output))
     return RunOutput(logits, dict(acts), dict(outs))
 
@@ -354,7 +355,7 @@ def generate(
                     acts, out = {}, {}
                     # Step 0 runs on the prompt; step s on the sequence up to prompt_len + s
                     # (only its newest token under a KV cache).
-                    _visit(model, events, prompt_len + step, prompt_len, acts, out)
+                    _visit(model, events, prompt_len + step, prompt_len, acts, out, len(enc["input_ids"]))
                     steps.append({k: (v if step == 0 else v[:, -1:]) for k, v in acts.items()})
                     outs.append(out)
                     step += 1
