@@ -200,8 +200,10 @@ def _block_sites(arch: Arch, module: nn.Module, i: int) -> dict[str, dict]:
 
 
 def _tl_hooks(module: nn.Module) -> list[str]:
-    """A TransformerLens HookedTransformer's hook point names, in registration (= forward) order."""
-    return [n for n, m in module.named_modules() if type(m).__name__ == "HookPoint"]
+    """A TransformerLens HookedTransformer's hook points that its forward pass uses, in execution order."""
+    order = execution_order(module)
+    names = [n for n, m in module.named_modules() if type(m).__name__ == "HookPoint" and (n, "output") in order]
+    return sorted(names, key=lambda n: order[(n, "output")])
 
 
 def site_names(module: nn.Module) -> list[str]:

@@ -162,7 +162,8 @@ def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, act
         for carried in event.carries:
             if carried in deltas:
                 act = act + deltas.pop(carried)
-        _check_finite(f"site {site.name}: activations", act)
+        if not site.name.endswith("hook_attn_scores"):  # masked attention scores are -inf by design
+            _check_finite(f"site {site.name}: activations", act)
         offset = length - act.shape[1]
         for edit in event.edits:
             mask = position_mask(getattr(edit, "positions", None), offset, act.shape[1], prompt_len, act.device)

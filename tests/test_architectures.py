@@ -221,3 +221,54 @@ def test_sites_an_architecture_lacks_are_absent_and_refused(arch):
             sites.resolve(model, site)
     if name == "qwen2_moe":
         assert "blocks.1.mlp.hook_post" in names
+
+
+# ----------------------------------------------------------------------------- TransformerLens models
+
+
+@pytest.fixture(scope="module")
+def tl_model():
+    from conftest import word_tokenizer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = HookedTransformerConfig(n_layers=2, d_model=D, n_ctx=32, d_head=16, n_heads=4, d_vocab=VOCAB, act_fn="gelu",
+                                      normalization_type="LN")  # fmt: skip
+        tl = HookedTransformer(cfg).eval()
+    return tl, sites.wrap(tl, tokenizer=word_tokenizer(VOCAB))
+
+
+def test_transformerlens_hook_names_equal_its_own_cache(tl_model):
+    tl, model = tl_model
+    names = sites.site_names(model)
+    assert {"hook_embed", "blocks.0.attn.hook_pattern", "blocks.1.hook_resid_mid", "ln_final.hook_normalized"} <= set(names)
+    ids = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(ids)
+    for seed in range(2):
+        got = sites.read_acts(model, ids, random.Random(seed).sample(names, len(names)))
+        for n in names:
+            torch.testing.assert_close(got[n], cache[n], rtol=0, atol=0, msg=n)
+    v = torch.randn(D)
+    out = sites.run(model, ids, [Steer("blocks.0.hook_resid_post", v, positions=-1)]).logits
+    ref = tl.run_with_hooks(ids, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: torch.cat([x[:, :-1], x[:, -1:] + v], 1))])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_transformerlens_generate_is_greedy_with_edits(tl_model):
+    tl, model = tl_model
+    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    v = torch.randn(D) * 3
+    out = sites.generate(model, ids, [Steer("blocks.1.hook_resid_post", v, positions=slice(-1, None))], max_new_tokens=4,
+                         read=["blocks.0.hook_resid_pre"])  # fmt: skip
+    seq = ids
+    hook = ("blocks.1.hook_resid_post", lambda x, hook: torch.cat([x[:, :4], x[:, 4:] + v], 1))
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, tl.run_with_hooks(seq, fwd_hooks=[hook])[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.tokens, seq) and out.prompt_len == 5
+    assert out.acts["blocks.0.hook_resid_pre"].shape == (1, 8, D)
+    with pytest.raises(ValueError, match="runs past the model's context of 32"):
+        sites.generate(model, ids, max_new_tokens=40)
