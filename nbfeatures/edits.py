@@ -99,6 +99,9 @@ class Splice:
             raise ValueError(
                 f"site {self.site}: replacement has shape {list(x_hat.shape)}, expected {list(act.shape)}"
             )
+        if x_hat.device.type != "meta" and not bool(torch.isfinite(x_hat).all()):
+            raise ValueError(f"site {self.site}: the spliced {type(self.module).__name__} returned NaN or inf "
+                             f"({int((~torch.isfinite(x_hat)).sum())} values)")  # fmt: skip
         x_hat = x_hat.to(act.dtype)
         if self.error_term:
             # the value is exactly act (x_hat - x_hat.detach() is exactly 0, in any dtype); the gradient reaches x_hat

@@ -108,17 +108,20 @@ class ActivationCache:
         folder = pathlib.Path(folder)
         manifest = load_json(folder / "manifest.json")
         tables = {}
+        dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{folder}/manifest.json: unknown dtype {manifest.get('dtype')!r}")
         for site, files in manifest["files"].items():
             arrays = [np.load(folder / f, mmap_mode="r", allow_pickle=False) for f in files]
-            tables[site] = _ShardedTable(arrays)
+            tables[site] = _ShardedTable(arrays, dtype)
         return cls(tables, folder)
 
 
 class _ShardedTable:
     """Rows spread over memory-mapped shards; indexing reads only the rows asked for."""
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.arrays = arrays
+    def __init__(self, arrays: list[np.ndarray], dtype: torch.dtype = torch.float32):
+        self.arrays, self.dtype = arrays, dtype  # bfloat16 is stored as its raw 16 bits (numpy has no bfloat16)
         self.offsets = np.cumsum([0] + [len(a) for a in arrays])
         self.shape = (int(self.offsets[-1]), arrays[0].shape[1])
 
@@ -132,7 +135,7 @@ class _ShardedTable:
         for s in np.unique(shard):
             sel = shard == s
             out[sel] = self.arrays[s][idx[sel] - self.offsets[s]]
-        return torch.from_numpy(out)
+        return torch.from_numpy(out).view(torch.bfloat16) if self.dtype == torch.bfloat16 else torch.from_numpy(out)
 
 
 def harvest(model: _sites.Model, tokens: Any, sites: str | Sequence[str], *, n_tokens: int | None = None,
@@ -161,7 +164,8 @@ def harvest(model: _sites.Model, tokens: Any, sites: str | Sequence[str], *, n_t
                 kept[s].append(block)
             else:
                 name = f"{_safe(s)}.{len(kept[s]):05d}.npy"
-                write_atomic(folder / name, _npy_bytes(block.numpy()))
+                raw = block.view(torch.uint16) if block.dtype == torch.bfloat16 else block  # numpy has no bfloat16
+                write_atomic(folder / name, _npy_bytes(raw.numpy()))
                 kept[s].append(name)
         n_pending = 0
 
@@ -188,7 +192,7 @@ def harvest(model: _sites.Model, tokens: Any, sites: str | Sequence[str], *, n_t
         raise ValueError("harvest found no tokens in the source")
     if folder is None:
         return ActivationCache({s: torch.cat(kept[s]) for s in sites})
-    save_json(folder / "manifest.json", {"sites": sites, "n_tokens": total, "files": kept})
+    save_json(folder / "manifest.json", {"sites": sites, "n_tokens": total, "files": kept, "dtype": str(dtype).removeprefix("torch.")})
     return ActivationCache.open(folder)
 
 
