@@ -131,8 +131,11 @@ def arch_of(module: nn.Module) -> Arch | None:
     if row is not None:
         return row(cfg) if callable(row) else row
     for row in ARCHITECTURES.values():  # an architecture outside the table: recognise the module tree
-        arch = row(cfg) if callable(row) and cfg is not None else row
-        if callable(arch) or arch.unsupported:
+        try:
+            arch = row(cfg) if callable(row) else row
+        except AttributeError:  # a config-dependent row whose config fields this model lacks
+            continue
+        if arch.unsupported:
             continue
         if _has(module, arch.layers) and _has(module, arch.embed) and _has(module, arch.ln_final):
             block = f"{arch.layers}.0"
@@ -227,7 +230,10 @@ def resolve(module: nn.Module, name: str) -> Site:
         if name and _has(module, name):  # a TransformerLens hook point, or a module path
             fields = dict(module=name, io="output")
         elif m or name in ("hook_embed", "ln_final.hook_normalized"):
-            why = arch.unsupported if arch is not None and arch.unsupported else f"{type(module).__name__} is not in the site table"
+            layouts = sorted({r.layers for r in ARCHITECTURES.values() if isinstance(r, Arch)} | {"gpt_neox.layers", "model.decoder.layers"})
+            why = (arch.unsupported if arch is not None and arch.unsupported else
+                   f"{type(module).__name__} is not in the site table and no known layout was found in it (a block list at "
+                   f"one of {layouts} with its attention, MLP and norms)")  # fmt: skip
             raise ValueError(f"site {name!r}: {why}, so TransformerLens names cannot be resolved exactly; "
                              f"use a module path such as {_example_path(module)!r}")  # fmt: skip
     elif m and int(m.group(1)) < len(module.get_submodule(arch.layers)):

@@ -272,3 +272,39 @@ def test_transformerlens_generate_is_greedy_with_edits(tl_model):
     assert out.acts["blocks.0.hook_resid_pre"].shape == (1, 8, D)
     with pytest.raises(ValueError, match="runs past the model's context of 32"):
         sites.generate(model, ids, max_new_tokens=40)
+
+
+def test_an_unknown_model_type_resolves_by_structure_or_says_what_is_missing():
+    hf = build("llama")
+    hf.config.model_type = "my_llama_finetune"  # not in the table: the module tree is recognised
+    model = sites.wrap(hf)
+    ids = torch.randint(3, VOCAB, (1, T), generator=torch.Generator().manual_seed(3))
+    got = sites.read_acts(model, ids, ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"])
+    ref = raw_reads(hf, "llama", ids)
+    close(got["blocks.1.attn.hook_z"].flatten(-2), ref["blocks.1.attn.hook_z"], "z by structure")
+    close(got["blocks.1.hook_resid_mid"], ref["blocks.1.hook_resid_mid"], "resid_mid by structure")
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return self.stack[0](x)
+
+    with pytest.raises(ValueError, match=r"Odd is not in the site table and no known layout was found in it .*model.layers"):
+        sites.resolve(Odd(), "blocks.0.hook_resid_post")
+    assert sites.resolve(Odd(), "stack.0").module == "stack.0"  # module paths always work
+
+
+def test_readme_support_matrix_is_current():
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("support_matrix", root / "dev" / "support_matrix.py")
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    readme = (root / "README.md").read_text()
+    shown = readme[readme.index(matrix.BEGIN) + len(matrix.BEGIN): readme.index(matrix.END)].strip()
+    assert shown == matrix.table(), "the README's support matrix is stale: run `python dev/support_matrix.py`"
