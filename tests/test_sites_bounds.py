@@ -86,3 +86,18 @@ def test_non_finite_edits_are_refused_naming_the_edit(error_term):
     huge = Splice(SITE, lambda x: x * 3e38)  # finite itself, inf once the model adds to it
     with pytest.raises(ValueError, match=r"non-finite values"):
         sites.run(model, ids, [huge], read=["blocks.1.hook_resid_post", "ln_final.hook_normalized"])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_generate_and_harvest_take_sites_in_any_order(arch):
+    model = wrapped(arch)
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    v = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    edits = [Steer("blocks.0.hook_resid_post", v, positions=slice(-1, None)), Steer("blocks.0.hook_mlp_out", v, positions=slice(-1, None))]
+    reads = ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]
+    a = sites.generate(model, ids, edits, max_new_tokens=3, read=reads)
+    b = sites.generate(model, ids, edits[::-1], max_new_tokens=3, read=reads[::-1])
+    assert torch.equal(a.tokens, b.tokens) and all(torch.equal(a.acts[n], b.acts[n]) for n in reads)
+    tokens = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(5))
+    h1, h2 = harvest(model, tokens, reads, progress=False), harvest(model, tokens, reads[::-1], progress=False)
+    assert all(torch.equal(h1[n], h2[n]) for n in reads)
