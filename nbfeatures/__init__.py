@@ -12,7 +12,7 @@ What a tutorial needs is one attribute away: the site layer and edits here, the 
 from . import codebook, data, inversion, metrics, plots, sae, widgets, zoo
 from ._versions import __version__
 from .codebook import BlockCodes, CodebookModel, ForceCodes, PatchCodes, load_codebook_model
-from .edits import Ablate, Edit, Splice, Steer
+from .edits import Ablate, Edit, Splice, Steer, Transcode, as_dictionary, decoder_rows
 from .evals import compare_density, evaluate_sae
 from .features import FeatureSummary, summarize_features
 from .harvest import TokenSource, harvest
@@ -26,7 +26,7 @@ __all__ = [
     "__version__",
     "Model", "wrap", "load_model", "unwrap", "tokenizer_of", "site_names", "resolve",
     "read_acts", "run", "generate", "RunOutput", "GenerateOutput",
-    "Edit", "Splice", "Steer", "Ablate",
+    "Edit", "Splice", "Transcode", "Steer", "Ablate", "as_dictionary", "decoder_rows",
     "harvest", "TokenSource", "train_sae", "TrainConfig", "evaluate_sae", "compare_density",
     "summarize_features", "FeatureSummary", "steering_fn", "token_strings",
     "CodebookModel", "load_codebook_model", "ForceCodes", "BlockCodes", "PatchCodes",

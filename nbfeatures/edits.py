@@ -1,15 +1,21 @@
-"""Edits to an activation at a site: splice a dictionary, steer by a vector, ablate.
+"""Edits to an activation at a site: splice a dictionary, transcode, steer by a vector, ablate.
 
 Each edit is a small frozen dataclass with a pure-torch `apply(act, mask)`; the site layer
 (`sites.py`) decides *where* and *when* it runs (which site, which forward pass of a
 generation, which positions), so the arithmetic here can be tested without a model.
 
-    Splice:  act -> f(act).x_hat                     (+ (act - x_hat).detach() with error_term)
+    Splice:     act -> f(act).x_hat                  (+ (act - x_hat).detach() with error_term)
+    Transcode:  act -> f(x_in).x_hat                 x_in read at an earlier site of the same forward pass
     Steer:   act[:, p] -> act[:, p] + coef * v        for p in positions
     Ablate:  act[:, p] -> 0  or  mean                 for p in positions
 
+A dictionary from elsewhere (a SAELens `SAE`, an eai-sparsify `SparseCoder`, any module with
+`encode`/`decode`) goes through `as_dictionary`, which makes it one of ours: `forward(x)` returns
+`DictionaryOutput(x_hat, latents)` with dense latents; `decoder_rows` takes its `W_dec` in either
+orientation.
+
 Dimension key: B batch, T position, D width at the site (a site's per-token shape may have
-more than one dim, e.g. [H, E] for per-head outputs).
+more than one dim, e.g. [H, E] for per-head outputs), N tokens, F latents, K active latents.
 
 Positions are absolute indices into the (padded) token sequence. Negative ints count back
 from the end of the prompt, so -1 is the last prompt token. A slice with no stop runs on
@@ -20,11 +26,11 @@ token generated after it; `positions=None` means every position, prompt and gene
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, Sequence, Union, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Positions = Union[None, int, slice, Sequence[int]]
 
@@ -78,43 +84,198 @@ class Splice:
     """Replace the activation by `module(act).x_hat` (any dictionary, or a callable returning a tensor).
 
     With `error_term=True` the model sees `x_hat + (act - x_hat).detach()`: its output is
-    unchanged while the latents are observed, and gradients still reach the module.
+    unchanged while the latents are observed, and gradients still reach the module. A foreign
+    dictionary (SAELens, sparsify, anything with encode/decode) is adapted by `as_dictionary`.
     """
 
     site: str
     module: Callable[[Tensor], Any]
     error_term: bool = False
     positions: Positions = None
+    _dictionary: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_dictionary", as_dictionary(self.module))
 
     def apply(self, act: Tensor, mask: Tensor) -> tuple[Tensor, Any]:
-        dtype = _dtype_of(self.module)
-        out = self.module(act if dtype is None or dtype == act.dtype else act.to(dtype))  # a module of another dtype: cast
-        x_hat = out if isinstance(out, Tensor) else getattr(out, "x_hat", None)
-        if not isinstance(x_hat, Tensor):
-            raise ValueError(
-                f"site {self.site}: the spliced module returned {type(out).__name__}; "
-                "allowed are a Tensor or an output with an `x_hat` tensor field"
-            )
-        if x_hat.shape != act.shape:
-            raise ValueError(
-                f"site {self.site}: replacement has shape {list(x_hat.shape)}, expected {list(act.shape)}"
-            )
-        if x_hat.device.type != "meta" and not bool(torch.isfinite(x_hat).all()):
-            raise ValueError(f"site {self.site}: the spliced {type(self.module).__name__} returned NaN or inf "
-                             f"({int((~torch.isfinite(x_hat)).sum())} values)")  # fmt: skip
-        x_hat = x_hat.to(act.dtype)
-        if self.error_term:
-            # the value is exactly act (x_hat - x_hat.detach() is exactly 0, in any dtype); the gradient reaches x_hat
-            x_hat = act.detach() + (x_hat - x_hat.detach()) if act.requires_grad or x_hat.requires_grad else act
-        if not bool(mask.all()):
-            x_hat = torch.where(mask.view(1, -1, *([1] * (act.dim() - 2))), x_hat, act)
-        return x_hat, out
+        return _replace(f"site {self.site}", self._dictionary, act, act, mask, self.error_term)
+
+
+@dataclass(frozen=True)
+class Transcode:
+    """Read `in_site`, replace `out_site` by `transcoder(x_in).x_hat` in the same forward pass.
+
+    E.g. in_site="blocks.1.ln2.hook_normalized", out_site="blocks.1.hook_mlp_out": the transcoder
+    stands in for the MLP. `error_term=True` keeps the model's output exactly (the value is the clean
+    activation, the gradient goes through x_hat). The site layer passes the in-site's value as
+    `apply(act, mask, source=x_in)`; the in-site must run before the out-site.
+    """
+
+    in_site: str
+    out_site: str
+    transcoder: Callable[[Tensor], Any]
+    error_term: bool = False
+    positions: Positions = None
+    _dictionary: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.in_site, str) or not isinstance(self.out_site, str):
+            raise ValueError(f"Transcode needs two site names (in_site, out_site); got {self.in_site!r}, {self.out_site!r}")
+        object.__setattr__(self, "_dictionary", as_dictionary(self.transcoder))
+
+    @property
+    def site(self) -> str:
+        """The site it edits (what the Edit protocol calls `site`): the out-site."""
+        return self.out_site
+
+    def apply(self, act: Tensor, mask: Tensor, source: Tensor | None = None) -> tuple[Tensor, Any]:
+        where = f"Transcode {self.in_site} -> {self.out_site}"
+        if source is None:
+            raise ValueError(f"{where}: needs the value of {self.in_site} (source=); run it through sites.run / generate")
+        d_in = _d_in(self._dictionary)
+        if d_in is not None and source.shape[-1] != d_in:
+            raise ValueError(f"{where}: the transcoder reads width {d_in} but {self.in_site} has width {source.shape[-1]} "
+                             f"(shape {list(source.shape)}); the in-site must match the transcoder's d_in")
+        return _replace(where, self._dictionary, source, act, mask, self.error_term)
+
+
+def _replace(where: str, module: Any, x: Tensor, act: Tensor, mask: Tensor, error_term: bool) -> tuple[Tensor, Any]:
+    """`module(x).x_hat` in place of `act` at the masked positions (Splice: x is act; Transcode: x is the in-site)."""
+    dtype = _dtype_of(module)
+    out = module(x if dtype is None or dtype == x.dtype else x.to(dtype))  # a module of another dtype: cast
+    x_hat = out if isinstance(out, Tensor) else getattr(out, "x_hat", None)
+    if not isinstance(x_hat, Tensor):
+        raise ValueError(
+            f"{where}: the spliced module returned {type(out).__name__}; "
+            "allowed are a Tensor or an output with an `x_hat` tensor field"
+        )
+    if x_hat.shape != act.shape:
+        raise ValueError(f"{where}: replacement has shape {list(x_hat.shape)}, expected {list(act.shape)}")
+    if x_hat.device.type != "meta" and not bool(torch.isfinite(x_hat).all()):
+        raise ValueError(f"{where}: the spliced {type(module.foreign if isinstance(module, EncodeDecode) else module).__name__} returned NaN or inf "
+                         f"({int((~torch.isfinite(x_hat)).sum())} values)")  # fmt: skip
+    x_hat = x_hat.to(act.dtype)
+    if error_term:
+        # the value is exactly act (x_hat - x_hat.detach() is exactly 0, in any dtype); the gradient reaches x_hat
+        x_hat = act.detach() + (x_hat - x_hat.detach()) if act.requires_grad or x_hat.requires_grad else act
+    if not bool(mask.all()):
+        x_hat = torch.where(mask.view(1, -1, *([1] * (act.dim() - 2))), x_hat, act)
+    return x_hat, out
 
 
 def _dtype_of(module: Any) -> torch.dtype | None:
     """The floating dtype of a module's parameters (None for a plain callable or a parameterless module)."""
     params = module.parameters() if hasattr(module, "parameters") else ()
     return next((p.dtype for p in params if p.is_floating_point()), None)
+
+
+# ----------------------------------------------------------------------------- dictionaries from elsewhere
+
+
+class DictionaryOutput(NamedTuple):
+    x_hat: Tensor  # [..., D] (a transcoder: the out-site's width)
+    latents: Tensor  # [..., F] dense, 0 where a latent is off
+
+
+class EncodeDecode(nn.Module):
+    """A dictionary known only by `encode` / `decode` (SAELens `SAE`, sparsify `SparseCoder`, ...) as one of ours.
+
+        latents = encode(x)                        x_hat = decode(latents)                     (dense codes: SAELens)
+        (acts, ids) = encode(x)[:2] top-k          x_hat = decode(acts, ids), latents scattered (sparsify's EncoderOutput)
+        x_hat += x @ W_skip^T                      when the object has a W_skip (skip transcoders), which decode leaves out
+    """
+
+    def __init__(self, foreign: Any):
+        super().__init__()
+        self.foreign = foreign  # registered as a submodule when it is one: .to(), .parameters() and dtype follow it
+
+    def forward(self, x: Tensor) -> DictionaryOutput:
+        code = self.foreign.encode(x)
+        if isinstance(code, Tensor):
+            latents, x_hat = code, self.foreign.decode(code)
+        elif hasattr(code, "top_acts") and hasattr(code, "top_indices"):
+            acts_NK, ids_NK = code.top_acts.reshape(-1, code.top_acts.shape[-1]), code.top_indices.reshape(-1, code.top_indices.shape[-1])
+            x_hat = self.foreign.decode(acts_NK, ids_NK)  # embedding-bag decoders take [N, K]
+            F = _n_latents(self.foreign) or int(ids_NK.max()) + 1
+            latents = torch.zeros(len(acts_NK), F, dtype=acts_NK.dtype, device=acts_NK.device).scatter(1, ids_NK, acts_NK)
+            latents = latents.reshape(*x.shape[:-1], F)
+        else:
+            raise ValueError(f"{type(self.foreign).__name__}.encode returned {type(code).__name__}; allowed are dense latents "
+                             "(a Tensor [..., F]) or top-k codes with .top_acts and .top_indices")  # fmt: skip
+        skip = getattr(self.foreign, "W_skip", None)
+        if isinstance(skip, Tensor):
+            x_hat = x_hat + (x.to(skip.dtype) @ skip.mT).reshape(x_hat.shape)
+        return DictionaryOutput(x_hat.reshape(*x.shape[:-1], -1), latents)
+
+    @property
+    def W_dec(self) -> Tensor | None:
+        return getattr(self.foreign, "W_dec", None)
+
+
+def as_dictionary(obj: Any) -> Any:
+    """`obj` as a dictionary whose forward returns a NamedTuple starting with `x_hat` (with `.latents` where it has latents).
+
+    Our own dictionaries (they have `default_objective`) and plain callables without encode/decode come back
+    unchanged; anything else with `encode` and `decode` (a SAELens `SAE`, a sparsify `SparseCoder`) is wrapped
+    in `EncodeDecode`.
+    """
+    if isinstance(obj, EncodeDecode) or hasattr(obj, "default_objective"):
+        return obj
+    if callable(getattr(obj, "encode", None)) and callable(getattr(obj, "decode", None)):
+        return EncodeDecode(obj)
+    if not callable(obj):
+        raise ValueError(f"a dictionary must be callable (a module) or have encode/decode; got {type(obj).__name__}")
+    return obj
+
+
+def decoder_rows(dictionary: Any, d: int | None = None, n_latents: int | None = None) -> Tensor:
+    """Decoder directions [F, D] of a dictionary (its `W_dec`) or of a `W_dec` tensor, in whichever orientation it is stored.
+
+    `W_dec` may be [F, D] (SAELens, sparsify, ours) or [D, F] (a Linear decoder's weight); the orientation is
+    the one whose D (and F, when given) matches: `d` defaults to the dictionary's d_out / d_in. A square
+    matrix that fits both ways is taken as [F, D].
+    """
+    W = dictionary if isinstance(dictionary, Tensor) else getattr(dictionary, "W_dec", None)
+    if W is None and isinstance(getattr(dictionary, "decoder", None), nn.Linear):
+        W = dictionary.decoder.weight  # dictionary_learning: a Linear decoder [D, F]
+    if not isinstance(W, Tensor):
+        raise ValueError(f"{type(dictionary).__name__} has no decoder matrix: pass a W_dec tensor or an object with .W_dec")
+    if W.dim() != 2:
+        raise ValueError(f"W_dec must be a matrix [F, D] or [D, F]; got shape {list(W.shape)}")
+    if not isinstance(dictionary, Tensor):
+        d = d if d is not None else _d_out(dictionary)
+        n_latents = n_latents if n_latents is not None else _n_latents(dictionary)
+    W = W.detach()
+    fits = lambda F_, D_: (d is None or D_ == d) and (n_latents is None or F_ == n_latents)  # noqa: E731
+    if fits(*W.shape):
+        return W
+    if fits(*reversed(W.shape)):
+        return W.T
+    want = f"D={d}" + (f" and F={n_latents}" if n_latents is not None else "")
+    raise ValueError(f"W_dec has shape {list(W.shape)}: neither [F, D] nor [D, F] with {want}")
+
+
+def _cfg_int(obj: Any, *names: str) -> int | None:
+    """The first of these sizes found on obj or obj.cfg (as SAELens, sparsify and ours name them)."""
+    obj = obj.foreign if isinstance(obj, EncodeDecode) else obj
+    for holder in (obj, getattr(obj, "cfg", None)):
+        for name in names:
+            value = getattr(holder, name, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _d_in(obj: Any) -> int | None:
+    return _cfg_int(obj, "d_in")
+
+
+def _d_out(obj: Any) -> int | None:
+    return _cfg_int(obj, "d_out", "d_in")
+
+
+def _n_latents(obj: Any) -> int | None:
+    return _cfg_int(obj, "d_sae", "num_latents", "n_latents")
 
 
 @dataclass(frozen=True)
@@ -169,8 +330,9 @@ class Ablate:
 
 @runtime_checkable
 class Edit(Protocol):
-    """What the site layer needs of an edit: where (`site`, `positions`) and what (`apply`). Splice, Steer, Ablate
-    and the codebook edits (ForceCodes, PatchCodes, BlockCodes) all satisfy it; so can an edit of your own."""
+    """What the site layer needs of an edit: where (`site`, `positions`) and what (`apply`). Splice, Transcode, Steer,
+    Ablate and the codebook edits (ForceCodes, PatchCodes, BlockCodes) all satisfy it; so can an edit of your own.
+    An edit that also reads an earlier site names it `in_site` and gets its value as `apply(act, mask, source=x_in)`."""
 
     site: str
     positions: Positions

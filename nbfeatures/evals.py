@@ -8,6 +8,11 @@ how the tokens were batched:
     fvu = sum (x - x_hat)^2 / sum (x - mean x)^2                     l0 = mean active latents per token
     ce_increase = CE_sae - CE_clean                                  alive = latents that fired at least once
 
+A transcoder is evaluated the same way with `in_site`: it reads `in_site` and stands in at `site`
+(`evaluate_sae(model, tc, "blocks.1.hook_mlp_out", tokens, in_site="blocks.1.ln2.hook_normalized")`
+replaces the MLP), and fvu / mse compare its output with the clean activation at `site`. Foreign
+dictionaries (SAELens, sparsify, anything with encode/decode) work through `edits.as_dictionary`.
+
 `compare_density` sets several dictionaries side by side on the same activations: dense and dead
 fractions, and for binary autoencoders also the density of deviations from each bit's usual value.
 """
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import metrics, sites
-from .edits import Ablate, Splice
+from .edits import Ablate, Splice, Transcode, as_dictionary
 from .harvest import token_batches
 
 
@@ -38,11 +43,12 @@ def _nll_and_kl(logits: Tensor, ref_logits: Tensor, ids: Tensor, mask: Tensor) -
 
 
 @torch.no_grad()
-def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, batch_size: int = 16,
-                 drop_first: bool = True, downstream: Sequence[str] = ()) -> dict[str, Any]:
+def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, in_site: str | None = None,
+                 batch_size: int = 16, drop_first: bool = True, downstream: Sequence[str] = ()) -> dict[str, Any]:
     """Metrics of `sae` spliced at `site` over `tokens`; `density` is each latent's firing rate [F].
 
-    `downstream` sites (e.g. later hook_resid_pre) add `ds_mse/<site>`: mean squared error per element
+    With `in_site`, `sae` is a transcoder reading `in_site` and replacing `site` (a `Transcode`; the zero
+    baseline ablates `site`). `downstream` sites (e.g. later hook_resid_pre) add `ds_mse/<site>`: mean squared error per element
     between their spliced and clean activations.
     """
     sums: dict[str, float] = dict(nll_clean=0.0, nll_sae=0.0, nll_zero=0.0, kl=0.0, n_pred=0.0, sq_err=0.0, sq=0.0,
@@ -51,10 +57,11 @@ def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, 
     fired = None
     ds_sq = {d: 0.0 for d in downstream}
     ds_n = 0.0
+    edit = Splice(site, sae) if in_site is None else Transcode(in_site, site, sae)
     for batch in token_batches(tokens, batch_size):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         clean = sites.run(model, batch, read=[site, *downstream])
-        spliced = sites.run(model, batch, [Splice(site, sae)], read=list(downstream))
+        spliced = sites.run(model, batch, [edit], read=list(downstream))
         zero = sites.run(model, batch, [Ablate(site)])
         ids, mask = ids.to(clean.logits.device), mask.to(clean.logits.device)
         for name, out in (("clean", clean), ("sae", spliced), ("zero", zero)):
@@ -128,6 +135,7 @@ def compare_density(dictionaries: Mapping[str, nn.Module], acts_ND: Tensor, *, t
     for name, d in dictionaries.items():
         fired = sq_err = n = 0
         sum_x, sq = 0.0, 0.0
+        d = as_dictionary(d)
         for i in range(0, len(acts_ND), batch_size):
             x = acts_ND[i:i + batch_size].float()
             out = d(x)

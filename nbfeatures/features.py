@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+
+from .edits import decoder_rows
 
 
 class Context(NamedTuple):
@@ -102,7 +104,7 @@ def _labels_NC(labels: Tensor | np.ndarray, N: int, names: Sequence[str] | None)
 def summarize_features(
     acts: Tensor | np.ndarray, tokens: Tensor | np.ndarray, decode: Callable[[int], str] | Sequence[str], *,
     seq: Tensor | np.ndarray | None = None, pos: Tensor | np.ndarray | None = None,
-    W_dec: Tensor | None = None, W_U: Tensor | None = None,
+    W_dec: Tensor | Any = None, W_U: Tensor | None = None,
     labels: Tensor | np.ndarray | None = None, label_names: Sequence[str] | None = None,
     n_top: int = 20, context: tuple[int, int] = (10, 3), n_quantiles: int = 5, per_quantile: int = 3,
     bins: int = 40, n_output: int = 10, n_summary_tokens: int = 5, chunk_elements: int = 2**23, seed: int = 0,
@@ -114,6 +116,7 @@ def summarize_features(
         token has (default: one sequence in order), so contexts stop at sequence boundaries.
     decode: token id -> str (e.g. `lambda i: tok.decode([i])`), or a list of strings.
     W_dec [F, D], W_U [D, V]: for each feature's top positive / negative output tokens (HF lm_head is [V, D]: pass .T).
+        W_dec may also be [D, F] (found by matching F and D) or a dictionary with `.W_dec` (ours, SAELens, sparsify).
     labels: [N] class ids (-1: none) or [N, C] indicators, with `label_names`: best label with precision / recall.
     """
     tokens = torch.as_tensor(tokens)
@@ -140,8 +143,11 @@ def summarize_features(
         raise ValueError(f"seq and pos must have N={N} entries like `tokens`; got {len(seq)} and {len(pos)}")
     if (W_dec is None) != (W_U is None):
         raise ValueError("output tokens need both W_dec [F, D] and W_U [D, V]; got only one")
-    if W_dec is not None and (W_dec.shape[0] != F or W_dec.shape[1] != W_U.shape[0]):
-        raise ValueError(f"need W_dec [F={F}, D] and W_U [D, V] with the same D; got {list(W_dec.shape)} and {list(W_U.shape)}")
+    if W_dec is not None:
+        try:
+            W_dec = decoder_rows(W_dec, d=W_U.shape[0], n_latents=F)
+        except ValueError as e:
+            raise ValueError(f"need W_dec [F={F}, D] (or [D, F]) and W_U [D, V] with the same D; got W_U {list(W_U.shape)}: {e}") from None
     lab, names = _labels_NC(labels, N, label_names) if labels is not None else (None, None)
 
     count = torch.zeros(F, dtype=torch.long)

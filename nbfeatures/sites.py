@@ -13,7 +13,9 @@ activation is that module's input or its output:
 A raw module path (`transformer.h.3.mlp`) also works and means that module's output.
 Every operation touches its sites in forward order inside ONE nnsight trace (nnsight raises
 on out-of-order access), and during generation re-enters `tracer.all()` so an edit applies
-to every generated token, not only the first forward pass.
+to every generated token, not only the first forward pass. A two-site edit (`Transcode`) names
+an `in_site` upstream of its site: that value is kept as the pass goes by and handed to
+`apply(act, mask, source=x_in)`, in every forward pass of a generation too.
 
 Dimension key: B batch, T position, D width at the site, H heads, E head dim, V vocab.
 """
@@ -112,6 +114,7 @@ class _Event:
     edits: list[Edit]
     keep: bool = False  # another site subtracts this value (Bloom's residual inside the sublayer)
     carries: list[str] = field(default_factory=list)  # resid_mid edits whose change this block output must carry
+    sources: list[str] = field(default_factory=list)  # in-sites of two-site edits (Transcode) read here, kept for them
 
 
 def _plan(model: Model, read: Sequence[str], edits: Sequence[Edit]) -> list[_Event]:
@@ -125,8 +128,17 @@ def _plan(model: Model, read: Sequence[str], edits: Sequence[Edit]) -> list[_Eve
         event(resolve(model, name)).names.append(name)
     for edit in edits:
         if not isinstance(edit, Edit) or not isinstance(edit.site, str):
-            raise ValueError(f"edits must be Splice, Steer, Ablate or another Edit (.site, .positions, .apply(act, mask)); got {type(edit).__name__}")
-        event(resolve(model, edit.site)).edits.append(edit)
+            raise ValueError(f"edits must be Splice, Transcode, Steer, Ablate or another Edit (.site, .positions, .apply(act, mask)); got {type(edit).__name__}")
+        out = resolve(model, edit.site)
+        in_site = getattr(edit, "in_site", None)
+        if in_site is not None:  # a two-site edit: read in_site earlier in the same pass, hand its value to apply
+            src = resolve(model, in_site)
+            if src.order >= out.order:
+                raise ValueError(f"{type(edit).__name__}: its in-site {in_site} must run before its out-site {edit.site} "
+                                 "in the model's forward pass, and it does not; allowed are in-sites upstream of the out-site")  # fmt: skip
+            if in_site not in event(src).sources:
+                event(src).sources.append(in_site)
+        event(out).edits.append(edit)
     module = unwrap(model)
     for ev in list(events.values()):
         if ev.site.minus is not None:
@@ -145,6 +157,7 @@ def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, act
     length - T .. length - 1 (the whole prompt, or the newest token under a KV cache).
     """
     bases: dict[tuple[str, str], Tensor] = {}  # values other sites subtract, as they flow on
+    sources: dict[str, Tensor] = {}  # in-sites of two-site edits, as the model saw them
     deltas: dict[str, Tensor] = {}  # resid_mid edits: the change the block output must carry
     for event in events:
         site = event.site
@@ -167,7 +180,8 @@ def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, act
         offset = length - act.shape[1]
         for edit in event.edits:
             mask = position_mask(getattr(edit, "positions", None), offset, act.shape[1], prompt_len, act.device)
-            new, out = edit.apply(act, mask)
+            in_site = getattr(edit, "in_site", None)
+            new, out = edit.apply(act, mask) if in_site is None else edit.apply(act, mask, source=sources[in_site])
             _check_finite(f"site {site.name}: the output of {_describe(edit)}", new)
             if site.carry is not None:
                 deltas[site.module] = deltas.get(site.module, 0) + (new - act)
@@ -187,10 +201,12 @@ def _visit(model: Model, events: list[_Event], length: int, prompt_len: int, act
             bases[(site.module, site.io)] = value
         for name in event.names:
             acts[name] = act if changed else act.clone()  # a clone: some models change sublayer outputs in place
+        for name in event.sources:
+            sources[name] = act if changed else act.clone()
 
 
 def _describe(edit: Any) -> str:
-    module = getattr(edit, "module", None)
+    module = getattr(edit, "module", getattr(edit, "transcoder", None))
     inner = f" of {type(module).__name__}" if module is not None else ""
     return f"edit {type(edit).__name__}{inner} at {getattr(edit, 'site', '?')}"
 

@@ -14,13 +14,13 @@ Dimension key: F features, D width at the site, V vocab.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from . import sites
-from .edits import Edit, Positions, Steer, position_mask
+from .edits import Edit, Positions, Steer, decoder_rows, position_mask
 
 
 class SteeringOutput(NamedTuple):
@@ -70,13 +70,17 @@ def edits_fn(model: sites.Model, make_edits: Callable[[int, float], Sequence[Edi
     return fn
 
 
-def steering_fn(model: sites.Model, site: str, directions: Tensor, *, positions: Positions = slice(-1, None),
+def steering_fn(model: sites.Model, site: str, directions: Tensor | Any, *, positions: Positions = slice(-1, None),
                 max_new_tokens: int = 20, **generate_kwargs) -> Callable[[str, int | None, float], SteeringOutput]:
     """fn(prompt, feature, strength): generate with `strength * directions[feature]` added at `site`.
 
-    directions: [F, D], e.g. an SAE's W_dec (rows are feature directions), or [D] for one vector (feature 0).
+    directions: [F, D], e.g. an SAE's W_dec (rows are feature directions), or [D] for one vector (feature 0); a
+    [D, F] matrix or a dictionary with `.W_dec` (ours, SAELens, sparsify) is turned into rows by matching the site's D.
     """
     param = next(sites.unwrap(model).parameters(), None)
+    if not isinstance(directions, Tensor) or directions.dim() == 2:
+        probe = torch.zeros(1, 1, dtype=torch.long)  # one token tells the site's width D
+        directions = decoder_rows(directions, d=sites.read_acts(model, probe, site)[site].shape[-1])
     directions = directions.detach().to(param.device if param is not None else "cpu")
     if directions.dim() == 1:
         directions = directions[None]

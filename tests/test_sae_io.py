@@ -148,8 +148,11 @@ def test_mismatched_weights_and_configs(tmp_path, topk):
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 95}))
     with pytest.raises(ValueError, match=r"W_enc has shape \[24, 96\], expected \[24, 95\] from the config"):
         load_sae(tmp_path)
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(ValueError, match=r"architecture 'jumprelu' is not supported; supported: \['nbfeatures.binary', 'standard', 'topk'\]"):
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "temporal"}))
+    with pytest.raises(ValueError, match=r"cfg\.json: field 'architecture' = 'temporal' is not supported; supported: \[.*'jumprelu'"):
+        load_sae(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))  # supported now, but no threshold
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors: tensors do not match architecture 'jumprelu'.*missing \['threshold'\]"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     t = {k: v for k, v in topk.state_dict().items() if k != "b_enc"}

@@ -1,33 +1,44 @@
-"""Dictionary files: the SAELens v6 folder layout, plus readers for sparsify and dictionary_learning.
+"""Dictionary files: the SAELens v6 folder layout (every SAELens architecture), plus other producers' folders.
 
     <folder>/cfg.json                 d_in, d_sae, dtype, device, apply_b_dec_to_input, normalize_activations,
-                                      reshape_activations, architecture (+ its fields, e.g. k), metadata {...}
-    <folder>/sae_weights.safetensors  W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+                                      reshape_activations, architecture (+ its fields: k, d_out, ...), metadata {...}
+    <folder>/sae_weights.safetensors  W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out] (+ threshold,
+                                      b_gate, r_mag, b_mag, W_skip by architecture; see saelens_format.py)
     <folder>/sparsity.safetensors     optional: {"sparsity": log10 feature density [d_sae]}
 
-`metadata.sae_lens_version` must parse as >= 6.0.0 or SAELens discards the metadata, so it is
-always written ("6.0.0": the v6 layout); our own version goes in `metadata.nbfeatures_version`.
-Files are written atomically; nothing is unpickled (dictionary_learning's `ae.pt` is read with
-`torch.load(weights_only=True)`, which only admits tensors and plain containers).
+Reading checks cfg.json against the safetensors header (8-byte little-endian length, then JSON) before anything is
+allocated, so a small file claiming d_sae = 10^9 fails at once. sparsify, dictionary_learning, Gemma Scope and Llama
+Scope folders are converted by producers.py to the same (cfg, tensors) pair. `metadata.sae_lens_version` must parse as
+>= 6.0.0 or SAELens discards the metadata, so it is always written ("6.0.0": the v6 layout); our own version goes in
+`metadata.nbfeatures_version`. A folder is written under a temporary sibling name and renamed into place; nothing is
+unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._io import load_json, load_tensors, save_json, save_tensors
+from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from .._versions import __version__
+from .producers import read_foreign
+from .saelens_format import ARCHITECTURES, file_shapes, from_saelens, saelens_cfg, to_saelens
 
 SAE_LENS_FORMAT_VERSION = "6.0.0"
-_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
-# architecture name in cfg.json -> (module class, config class); each dictionary's file registers itself
-ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {}
+CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
+# safetensors dtype -> bytes per element; only the float ones are dictionary weights
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+_FLOATS = ("F16", "BF16", "F32", "F64")
+_MAX_HEADER = 100_000_000  # what safetensors itself accepts
 
 
 def register_architecture(name: str, module_cls: type[nn.Module], config_cls: type) -> None:
@@ -40,140 +51,120 @@ def register_architecture(name: str, module_cls: type[nn.Module], config_cls: ty
 
 def save_sae(sae: nn.Module, folder: str | os.PathLike, *, hook_name: str | None = None, hf_hook_name: str | None = None,
              model_name: str | None = None, sparsity: torch.Tensor | None = None, **metadata: Any) -> pathlib.Path:
-    """Write `sae` as a SAELens v6 folder; `sparsity` is log10 feature density [d_sae]."""
+    """Write `sae` as a SAELens v6 folder; `sparsity` is log10 feature density [d_sae]. Metadata the dictionary was
+    loaded with is kept unless overridden here. Other files already in `folder` stay."""
     folder = pathlib.Path(folder)
-    arch = getattr(sae, "architecture", None)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"cannot save {type(sae).__name__}: architecture {arch!r} is not one of {sorted(ARCHITECTURES)}")
-    tensors = {name: p for name, p in sae.state_dict().items()}
-    dtype = str(sae.W_dec.dtype).removeprefix("torch.")
-    cfg = {
-        **sae.config_dict(),
-        "dtype": dtype,
-        "device": "cpu",
-        "apply_b_dec_to_input": getattr(sae, "apply_b_dec_to_input", True),
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-    }
-    if arch == "topk":
-        cfg["rescale_acts_by_decoder_norm"] = False  # our decoder rows are unit-norm already
-    cfg["architecture"] = arch
-    cfg["metadata"] = {
-        "sae_lens_version": SAE_LENS_FORMAT_VERSION,
-        "sae_lens_training_version": None,
-        "model_name": model_name,
-        "hook_name": hook_name,
-        "hf_hook_name": hf_hook_name,
-        "hook_head_index": None,
-        "prepend_bos": metadata.pop("prepend_bos", None),
-        "model_from_pretrained_kwargs": {},
-        "nbfeatures_version": __version__,
-        **metadata,
-    }
-    save_tensors(folder / "sae_weights.safetensors", tensors)
-    if sparsity is not None:
-        save_tensors(folder / "sparsity.safetensors", {"sparsity": sparsity.float()})
-    save_json(folder / "cfg.json", cfg)  # last: a folder with cfg.json is complete
+    cfg, tensors = to_saelens(sae)
+    old = dict(getattr(sae, "metadata", None) or {})
+    given = {"model_name": model_name, "hook_name": hook_name, "hf_hook_name": hf_hook_name,
+             "prepend_bos": metadata.pop("prepend_bos", None)}  # fmt: skip
+    meta = {"sae_lens_training_version": None, "model_name": None, "hook_name": None, "hf_hook_name": None, "hook_head_index": None,
+            "prepend_bos": None, "model_from_pretrained_kwargs": {}, **old, **{k: v for k, v in given.items() if v is not None},
+            **metadata, "sae_lens_version": SAE_LENS_FORMAT_VERSION, "nbfeatures_version": __version__}  # fmt: skip
+    if cfg["reshape_activations"] == "hook_z" and meta["hook_name"] is not None and not str(meta["hook_name"]).endswith("_z"):
+        raise ValueError(f"hook_name={meta['hook_name']!r}: a reshape_activations='hook_z' dictionary reads a hook_z site "
+                         "(SAELens refuses any other hook name)")  # fmt: skip
+    if sparsity is not None and tuple(sparsity.shape) != (cfg["d_sae"],):
+        raise ValueError(f"sparsity has shape {list(sparsity.shape)}, expected [d_sae] = [{cfg['d_sae']}]")
+    others = sorted(p for p in folder.iterdir() if p.name not in (CFG, WEIGHTS, SPARSITY)) if folder.is_dir() else []
+    with atomic_folder(folder, keep=tuple(p.name for p in others if p.is_dir())) as tmp:
+        for p in others:  # files that are not ours move with the folder
+            if p.is_file():
+                try:
+                    os.link(p, tmp / p.name)
+                except OSError:
+                    shutil.copy2(p, tmp / p.name)
+        save_tensors(tmp / WEIGHTS, tensors)
+        if sparsity is not None:
+            save_tensors(tmp / SPARSITY, {"sparsity": sparsity.float()})
+        save_json(tmp / CFG, {**cfg, "metadata": meta})
     return folder
 
 
 def load_sae(folder: str | os.PathLike) -> nn.Module:
-    """Load a dictionary from a SAELens, sparsify or dictionary_learning folder."""
+    """Load a dictionary from a SAELens (any version), sparsify, dictionary_learning, Gemma Scope or Llama Scope folder."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
-    if (folder / "sae_weights.safetensors").exists():
+    if (folder / WEIGHTS).exists():
         return _load_saelens(folder)
-    if (folder / "sae.safetensors").exists():
-        return _load_sparsify(folder)
-    if (folder / "ae.pt").exists():
-        return _load_dictionary_learning(folder)
+    foreign = read_foreign(folder)
+    if foreign is not None:
+        return from_saelens(*foreign, str(folder))
     found = sorted(p.name for p in folder.iterdir())
     raise ValueError(
         f"{folder}: not a dictionary folder. Expected cfg.json + sae_weights.safetensors (SAELens), "
-        f"cfg.json + sae.safetensors (sparsify) or config.json + ae.pt (dictionary_learning); found {found}"
+        f"cfg.json + sae.safetensors (sparsify), config.json + ae.pt (dictionary_learning), params.npz (Gemma Scope) "
+        f"or hyperparams.json + checkpoints/final.safetensors (Llama Scope); found {found}"
     )
 
 
 def load_sparsity(folder: str | os.PathLike) -> torch.Tensor | None:
-    path = pathlib.Path(folder) / "sparsity.safetensors"
+    path = pathlib.Path(folder) / SPARSITY
     return load_tensors(path)["sparsity"] if path.exists() else None
 
 
-def _build(folder: pathlib.Path, arch: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{folder}: architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
-    module_cls, config_cls = ARCHITECTURES[arch]
-    extra = [f for f in dataclasses.fields(config_cls) if f.name not in ("d_in", "d_sae")]
-    try:
-        config = config_cls(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]),
-                            **{f.name: cfg[f.name] for f in extra if f.name in cfg or f.default is dataclasses.MISSING})  # fmt: skip
-    except KeyError as e:
-        raise ValueError(f"{folder}: config lacks {e.args[0]!r}, needed for architecture {arch!r}") from None
-    sae = module_cls(config, seed=None)
-    expected = {name: tuple(p.shape) for name, p in sae.state_dict().items()}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{folder}: weights do not match architecture {arch!r}: missing {missing}, unexpected {extra}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{folder}: {name} has shape {list(tensors[name].shape)}, expected {list(shape)} from the config")
-        if not torch.isfinite(tensors[name]).all():
-            raise ValueError(f"{folder}: {name} contains non-finite values")
-    dtype = getattr(torch, str(cfg.get("dtype", "float32")).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{folder}: unknown dtype {cfg.get('dtype')!r}")
-    sae.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
-    return sae.to(dtype)
+def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header, reading nothing else; ValueError if it is not one."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    size = path.stat().st_size
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: not a readable safetensors file (corrupt, truncated or another format): {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, _MAX_HEADER):
+            raise bad(f"header length {n} in a file of {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise bad(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data, out = size - 8 - n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = dtype in _ITEMSIZE and all(type(d) is int and d >= 0 for d in shape) and 0 <= begin <= end <= data
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"entry {name!r} = {entry!r} does not fit the file")
+        if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+            raise bad(f"{name!r} has shape {list(shape)} of {dtype} but {end - begin} bytes")
+        out[name] = (dtype, shape)
+    return out
 
 
 def _load_saelens(folder: pathlib.Path) -> nn.Module:
-    cfg = load_json(folder / "cfg.json")
-    tensors = load_tensors(folder / "sae_weights.safetensors")
-    arch = cfg.get("architecture")
-    if arch is None:
-        raise ValueError(f"{folder}/cfg.json: no 'architecture' field (written by a SAELens older than v6?)")
-    if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights")
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
-        norms = tensors["W_dec"].norm(dim=1)  # fold the decoder norms in, as SAELens does for inference
-        tensors = {**tensors, "W_enc": tensors["W_enc"] * norms, "b_enc": tensors["b_enc"] * norms, "W_dec": tensors["W_dec"] / norms[:, None]}
-    sae = _build(folder, arch, cfg, tensors)
-    sae.metadata = cfg.get("metadata", {})
-    return sae
-
-
-def _load_sparsify(folder: pathlib.Path) -> nn.Module:
-    cfg = load_json(folder / "cfg.json")
-    t = load_tensors(folder / "sae.safetensors")
-    if "encoder.weight" not in t:
-        raise ValueError(f"{folder}/sae.safetensors: no 'encoder.weight'; keys are {sorted(t)}")
-    d_sae, d_in = t["encoder.weight"].shape
-    if cfg.get("activation", "topk") != "topk" or "W_skip" in t or cfg.get("transcode"):
-        raise ValueError(f"{folder}: only plain TopK sparsify SAEs are supported (no groupmax, skip connection or transcoder)")
-    tensors = {"W_enc": t["encoder.weight"].t(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-    sae = _build(folder, "topk", {"d_in": cfg.get("d_in", d_in), "d_sae": d_sae, "k": cfg["k"]}, tensors)
-    sae.metadata = {"source_format": "sparsify"}
-    return sae
-
-
-def _load_dictionary_learning(folder: pathlib.Path) -> nn.Module:
-    cfg = load_json(folder / "config.json")
-    try:
-        sd = torch.load(folder / "ae.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"{folder}/ae.pt: not a plain tensor state dict (refused without unpickling code): {e}") from None
-    trainer = cfg.get("trainer", {})
-    dict_class = trainer.get("dict_class", "AutoEncoder")
-    arch = {"AutoEncoderTopK": "topk", "AutoEncoder": "standard"}.get(dict_class)
-    if arch is None:
-        raise ValueError(f"{folder}: dictionary_learning class {dict_class!r} is not supported; supported: AutoEncoder, AutoEncoderTopK")
-    d_sae, d_in = sd["encoder.weight"].shape
-    tensors = {
-        "W_enc": sd["encoder.weight"].t(), "b_enc": sd["encoder.bias"],
-        "W_dec": sd["decoder.weight"].t(), "b_dec": sd["b_dec"] if "b_dec" in sd else sd["bias"],
-    }
-    k = int(sd["k"]) if "k" in sd else trainer.get("k")
-    sae = _build(folder, arch, {"d_in": d_in, "d_sae": d_sae, "k": k}, tensors)
-    sae.metadata = {"source_format": "dictionary_learning", "layer": trainer.get("layer"), "lm_name": trainer.get("lm_name")}
-    return sae
+    cfg_path, weights = folder / CFG, folder / WEIGHTS
+    cfg = saelens_cfg(load_json(cfg_path), str(cfg_path))
+    expected, header = file_shapes(cfg, str(cfg_path)), read_header(weights)
+    arch, legacy_scale = cfg["architecture"], "scaling_factor"  # a pre-6.0 finetuning scale, dropped when all ones
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected) - {legacy_scale})
+    if missing or extra:
+        raise ValueError(f"{weights}: tensors do not match architecture {arch!r} of {cfg_path.name}: "
+                         f"missing {missing}, unexpected {extra}")  # fmt: skip
+    sizes = ", ".join(f"{k}={cfg[k]}" for k in ("d_in", "d_sae", "d_out") if k in cfg)
+    for name in sorted(header, key=lambda n: (n not in expected, list(expected).index(n) if n in expected else 0)):
+        dtype, shape = header[name]
+        if dtype not in _FLOATS:
+            raise ValueError(f"{weights}: {name} has dtype {dtype}, not a float ({', '.join(_FLOATS)})")
+        want = expected.get(name, (cfg["d_sae"],))
+        if shape != want:
+            raise ValueError(f"{weights}: {name} has shape {list(shape)}, expected {list(want)} "
+                             f"from the config ({cfg_path.name}: {sizes})")  # fmt: skip
+    tensors = load_tensors(weights)
+    if legacy_scale in tensors:
+        if not torch.allclose(tensors[legacy_scale], torch.ones_like(tensors[legacy_scale])):
+            raise ValueError(f"{weights}: {legacy_scale} is not all ones (a pre-6.0 finetuning scale, "
+                             "which SAELens 6 cannot load either)")  # fmt: skip
+        del tensors[legacy_scale]
+    return from_saelens(cfg, tensors, str(folder))
