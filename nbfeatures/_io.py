@@ -78,8 +78,8 @@ def load_json(path: str | os.PathLike) -> dict:
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iterator[pathlib.Path]:
     """Write a folder under a temporary sibling name; it replaces `folder` only when the block ends without error,
-    so a crash leaves the old folder (or none), never a mix of old and new files. Subfolders named in `keep`
-    (e.g. a base model's codebooks/) move from the old folder into the new one."""
+    so a crash leaves the old folder (or none), never a mix of old and new files. Entries named in `keep`
+    (e.g. a base model's codebooks/, a card.json) move from the old folder into the new one unless rewritten."""
     folder = pathlib.Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = folder.with_name(f".tmp_{folder.name}"), folder.with_name(f".old_{folder.name}")
@@ -92,7 +92,7 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iter
         raise
     shutil.rmtree(old, ignore_errors=True)
     for name in keep:
-        if (folder / name).is_dir() and not (tmp / name).exists():
+        if (folder / name).exists() and not (tmp / name).exists():
             os.replace(folder / name, tmp / name)
     if folder.exists():
         os.replace(folder, old)

@@ -140,8 +140,12 @@ class _ShardedTable:
 
 def harvest(model: _sites.Model, tokens: Any, sites: str | Sequence[str], *, n_tokens: int | None = None,
             batch_size: int = 32, folder: str | os.PathLike | None = None, shard_tokens: int = 2**18,
-            drop_first: bool = True, dtype: torch.dtype = torch.float32, progress: bool = True) -> ActivationCache:
-    """Activations at `sites` for up to `n_tokens` tokens, in memory or as shards under `folder`."""
+            drop_first: bool = True, dtype: torch.dtype = torch.float32, progress: bool = True,
+            edits: Sequence[Any] = ()) -> ActivationCache:
+    """Activations at `sites` for up to `n_tokens` tokens, in memory or as shards under `folder`.
+
+    With `edits` (a Splice, a Transcode standing in for an MLP, a Steer ...) the activations are those of the edited
+    model, read in the same forward pass."""
     sites = [sites] if isinstance(sites, str) else list(sites)
     for s in sites:
         _sites.resolve(model, s)  # fail on a bad site before any work
@@ -170,7 +174,11 @@ def harvest(model: _sites.Model, tokens: Any, sites: str | Sequence[str], *, n_t
         n_pending = 0
 
     for batch in token_batches(tokens, batch_size):
-        acts = _sites.read_acts(model, batch, sites)
+        if edits:
+            with torch.no_grad():
+                acts = _sites.run(model, batch, list(edits), read=sites).acts
+        else:
+            acts = _sites.read_acts(model, batch, sites)
         keep = batch["attention_mask"].bool()
         if drop_first:
             keep[:, 0] = False

@@ -329,3 +329,19 @@ def test_summary_and_steering_take_a_saelens_sae_as_is(gpt2, ids):
     by_cols = steering_fn(model, site, s.W_dec.T, max_new_tokens=2)("w1 w2 w3", 5, 20.0)
     for other in (by_sae, by_cols):
         assert other.tokens == by_rows.tokens and torch.equal(other.probs, by_rows.probs)
+
+
+def test_harvest_reads_the_model_with_a_transcoder_in_place():
+    from nbfeatures import harvest
+    from nbfeatures.edits import Transcode
+
+    model = sites.wrap(tiny_hf("gpt2"), word_tokenizer())
+    torch.manual_seed(0)
+    tc = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    edit = Transcode("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out", tc)
+    tokens = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+    got = harvest(model, tokens, "blocks.1.hook_resid_pre", edits=[edit], drop_first=False, progress=False)["blocks.1.hook_resid_pre"]
+    with torch.no_grad():
+        want = sites.run(model, tokens, [edit], read=["blocks.1.hook_resid_pre"]).acts["blocks.1.hook_resid_pre"].flatten(0, 1)
+    clean = harvest(model, tokens, "blocks.1.hook_resid_pre", drop_first=False, progress=False)["blocks.1.hook_resid_pre"]
+    assert torch.equal(got, want) and not torch.allclose(got, clean)

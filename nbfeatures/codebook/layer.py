@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._io import load_json, load_tensors, save_json, save_tensors
+from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from .search import IVFConfig, IVFIndex, version_of, build_ivf, exact_topk, ivf_topk
 
 
@@ -214,10 +214,10 @@ def codebook_mse(out: CodebookOutput) -> Tensor:
 
 
 def save_codebook_layer(layer: CodebookLayer, folder: str | os.PathLike, **meta: Any) -> None:
-    """codebook.safetensors + codebook.json (the config and `meta`, e.g. the site it was fitted at), each atomic."""
-    folder = pathlib.Path(folder)
-    save_tensors(folder / "codebook.safetensors", {"codebook": layer.codebook})
-    save_json(folder / "codebook.json", {"config": layer.config_dict(), **meta})
+    """codebook.safetensors + codebook.json (the config and `meta`, e.g. the site it was fitted at), the folder atomically."""
+    with atomic_folder(folder) as tmp:
+        save_tensors(tmp / "codebook.safetensors", {"codebook": layer.codebook})
+        save_json(tmp / "codebook.json", {"config": layer.config_dict(), **meta})
 
 
 def load_codebook_layer(folder: str | os.PathLike) -> CodebookLayer:

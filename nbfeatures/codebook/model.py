@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import sites, zoo
-from .._io import load_json, load_tensors, save_json, save_tensors
+from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from ..edits import Positions, Splice
 from .layer import CodebookLayer, codebook_mse
 from .search import IVFConfig
@@ -169,16 +169,17 @@ class CodebookModel(nn.Module):
             sites.unwrap(self.model).load_state_dict(model_sd, strict=strict)
 
     def save(self, folder: str | os.PathLike, base_model: str | None = None) -> pathlib.Path:
-        """Codebooks as safetensors + JSON config next to the (finetuned) base model in save_pretrained form."""
+        """Codebooks as safetensors + JSON config next to the (finetuned) base model in save_pretrained form; the folder
+        is written under a temporary name and renamed into place (a card.json already there is kept)."""
         folder = pathlib.Path(folder)
-        hf = sites.unwrap(self.model)
-        hf.save_pretrained(folder)
-        tok = sites.tokenizer_of(self.model)
-        if tok is not None:
-            tok.save_pretrained(folder)
-        save_tensors(folder / "codebooks.safetensors", {f"{s}": self.layer(s).codebook for s in self.sites})
-        save_json(folder / "codebooks.json", {"format": "nbfeatures.codebook_model", "base_model": base_model,
-                                              "sites": {s: self.layer(s).config_dict() for s in self.sites}})
+        with atomic_folder(folder, keep=("card.json",)) as tmp:
+            sites.unwrap(self.model).save_pretrained(tmp)
+            tok = sites.tokenizer_of(self.model)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+            save_tensors(tmp / "codebooks.safetensors", {f"{s}": self.layer(s).codebook for s in self.sites})
+            save_json(tmp / "codebooks.json", {"format": "nbfeatures.codebook_model", "base_model": base_model,
+                                               "sites": {s: self.layer(s).config_dict() for s in self.sites}})
         return folder
 
 

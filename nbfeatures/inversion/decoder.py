@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._io import load_json, load_tensors, save_json, save_tensors
+from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 
 
 @dataclass(frozen=True)
@@ -167,10 +167,11 @@ def sequence_loss(logits_BTV: Tensor, ids_BT: Tensor, eos_id: int | None) -> Ten
 
 
 def save_decoder(decoder: InversionDecoder, folder: str | Path, extra: dict | None = None) -> None:
-    """decoder.safetensors + decoder.json (config and anything in `extra`), each written atomically."""
-    folder = Path(folder)
-    save_tensors(folder / "decoder.safetensors", decoder.state_dict())
-    save_json(folder / "decoder.json", {"config": asdict(decoder.cfg), **(extra or {})})
+    """decoder.safetensors + decoder.json (config and anything in `extra`); the folder is written under a temporary
+    name and renamed into place, keeping a feature site's codebook/ and a card.json already there."""
+    with atomic_folder(folder, keep=("codebook", "card.json")) as tmp:
+        save_tensors(tmp / "decoder.safetensors", decoder.state_dict())
+        save_json(tmp / "decoder.json", {"config": asdict(decoder.cfg), **(extra or {})})
 
 
 def load_decoder(folder: str | Path) -> InversionDecoder:
