@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import attention_patterns
+from .attention_patterns import PATTERN_MODULE, patterns_on
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -156,7 +159,6 @@ def _has(module: nn.Module, path: str) -> bool:
 # ----------------------------------------------------------------------------- sites
 
 
-PATTERN_MODULE = "nbf_hook_pattern"  # an nn.Identity that sites.wrap attaches to each attention module
 _HOOKS = ("hook_resid_pre", "ln1.hook_normalized", "attn.hook_pattern", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
           "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")  # forward order within a block
 _BLOCK_SITE = re.compile(r"blocks\.(\d+)\.(" + "|".join(re.escape(h) for h in _HOOKS) + ")")
@@ -350,52 +352,8 @@ def _registration_order(module: nn.Module) -> dict[tuple[str, str], float]:
     return {**{(n, "input"): float(index[n]) for n in names}, **{(n, "output"): last[n] + 0.5 - 1e-3 * depth[n] for n in names}}
 
 
-# ----------------------------------------------------------------------------- attention patterns
-
-PATTERN_IMPL = "nbf_pattern"
-
-
 def attach_pattern_modules(module: nn.Module) -> None:
-    """Give every attention module of a table architecture an nn.Identity that its probabilities pass through (once)."""
+    """The pattern module on every attention of a table architecture whose attention exposes probabilities."""
     arch = arch_of(module)
-    if arch is None or arch.unsupported or not arch.pattern:
-        return
-    for block in module.get_submodule(arch.layers):
-        attn = block.get_submodule(arch.attn)
-        if not hasattr(attn, PATTERN_MODULE):
-            attn.add_module(PATTERN_MODULE, nn.Identity())
-
-
-def _pattern_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
-    """The model's own eager attention, with its probabilities [B, H, T, S] passed through `module.nbf_hook_pattern`;
-    when that returns another tensor (an edit), the output is recomputed from it."""
-    import sys
-
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    out, probs = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    seen = getattr(module, PATTERN_MODULE)(probs)
-    if seen is probs:
-        return out, probs
-    v = value if value.shape[1] == seen.shape[1] else value.repeat_interleave(seen.shape[1] // value.shape[1], dim=1)
-    return torch.matmul(seen.to(v.dtype), v).transpose(1, 2).contiguous(), seen
-
-
-class patterns_on:
-    """Within this block the model's attention runs through `_pattern_attention` (eager, probabilities exposed)."""
-
-    def __init__(self, module: nn.Module):
-        self.config = module.config
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-        AttentionInterface.register(PATTERN_IMPL, _pattern_attention)
-        AttentionMaskInterface.register(PATTERN_IMPL, eager_mask)
-
-    def __enter__(self):
-        self.before = self.config._attn_implementation
-        self.config._attn_implementation = PATTERN_IMPL
-        return self
-
-    def __exit__(self, *exc):
-        self.config._attn_implementation = self.before
-        return False
+    if arch is not None and not arch.unsupported and arch.pattern:
+        attention_patterns.attach_pattern_modules(block.get_submodule(arch.attn) for block in module.get_submodule(arch.layers))

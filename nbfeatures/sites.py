@@ -1,21 +1,16 @@
 """The site layer: the one module that imports nnsight.
 
-A *site* is a named activation inside a model. Sites use TransformerLens hook names, which
-SAELens stores as `hook_name`, resolved per architecture to a module and to whether the
-activation is that module's input or its output:
+A *site* is a named activation inside a model. Sites use TransformerLens hook names, which SAELens stores as
+`hook_name`, with TransformerLens semantics on every architecture of the table in `architectures.py` (which says
+where each site lives and what quirks change it: post-sublayer norms, a residual added inside a sublayer, branch
+multipliers, parallel blocks, mixtures of experts). A raw module path (`transformer.h.3.mlp`) also works and means
+that module's output; a TransformerLens HookedTransformer answers to its own hook names.
 
-    blocks.{i}.hook_resid_pre     input of block i            blocks.{i}.hook_resid_post   output of block i
-    blocks.{i}.hook_attn_out      output of the attention     blocks.{i}.hook_mlp_out      output of the MLP
-    blocks.{i}.attn.hook_z        input of the attention's output projection, split per head [B, T, H, E]
-    blocks.{i}.mlp.hook_post      input of the MLP's down projection (the MLP hidden)
-    ln_final.hook_normalized      output of the final norm
-
-A raw module path (`transformer.h.3.mlp`) also works and means that module's output.
-Every operation touches its sites in forward order inside ONE nnsight trace (nnsight raises
-on out-of-order access), and during generation re-enters `tracer.all()` so an edit applies
-to every generated token, not only the first forward pass. A two-site edit (`Transcode`) names
-an `in_site` upstream of its site: that value is kept as the pass goes by and handed to
-`apply(act, mask, source=x_in)`, in every forward pass of a generation too.
+Every operation touches its sites in the model's execution order (measured once per model) inside ONE nnsight
+trace, so any list order works, and during generation re-enters `tracer.all()` so an edit applies to every
+generated token, not only the first forward pass. A two-site edit (`Transcode`) names an `in_site` upstream of its
+site: that value is kept as the pass goes by and handed to `apply(act, mask, source=x_in)`. Reading
+`attn.hook_pattern` runs that call's attention on the eager path through a pattern module (`architectures.py`).
 
 Dimension key: B batch, T position, D width at the site, H heads, E head dim, V vocab.
 """
@@ -34,7 +29,7 @@ from nnsight.modeling.transformers import TransformersModel
 from torch import Tensor, nn
 
 from . import architectures
-from .architectures import Site, patterns_on
+from .architectures import Site, attach_pattern_modules, patterns_on
 from .edits import Edit, check_positions, position_mask
 
 Model = nnsight.Envoy  # nnsight's common base: NNsight(module) and TransformersModel(hf_model) both are one
@@ -56,7 +51,7 @@ def wrap(model: nn.Module | Model, tokenizer: Any = None) -> Model:
         raise ValueError(f"sites.wrap() takes a torch module; got {type(model).__name__} "
                          "(for a folder, hub id or zoo name use nbf.wrap or nbf.load_model)")  # fmt: skip
     model.eval()
-    architectures.attach_pattern_modules(model)
+    attach_pattern_modules(model)
     architectures.execution_order(model)  # measured now (one 2-token forward), so later calls run only what they ask
     if tokenizer is not None and hasattr(model, "generate") and hasattr(model, "config"):
         return TransformersModel(model, tokenizer=tokenizer)

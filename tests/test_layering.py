@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "nbfeatures"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("nbfeatures._io", "nbfeatures._versions", "nbfeatures.edits", "nbfeatures.metrics", "nbfeatures.data", "nbfeatures.plots")),
-    ("sites", ("nbfeatures.architectures", "nbfeatures.sites")),
+    ("sites", ("nbfeatures.architectures", "nbfeatures.attention_patterns", "nbfeatures.sites")),
     ("zoo", ("nbfeatures.zoo",)),
     ("methods", ("nbfeatures.harvest", "nbfeatures.train", "nbfeatures.sae", "nbfeatures.codebook", "nbfeatures.inversion",
                  "nbfeatures.evals", "nbfeatures.features", "nbfeatures.steering", "nbfeatures.course")),
