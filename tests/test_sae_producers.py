@@ -56,7 +56,7 @@ def _from_saelens(cfg, tensors):
         return None
     from nbfeatures.sae import saelens_format as fmt
 
-    if cfg["architecture"] not in set(fmt.SAELENS_ARCHITECTURES) | set(fmt.ARCHITECTURES):
+    if cfg["architecture"] not in set(fmt.SAELENS_ARCHITECTURES) | set(fmt.ARCHITECTURES) | set(fmt.SPARSIFY_ARCHITECTURES):
         return None
     return fmt.from_saelens(cfg, tensors, "fixture")
 
@@ -78,13 +78,72 @@ def _assert_matches(cfg, tensors, x, latents, out):
             torch.testing.assert_close(mod.encode(x), latents, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_FORMAT, reason="nbfeatures.sae.saelens_format not present")
-@pytest.mark.parametrize("arch", ["nbfeatures.groupmax", "nbfeatures.topk_transcoder"])
-def test_from_saelens_builds_every_producer(arch):
-    from nbfeatures.sae import saelens_format as fmt
+@pytest.mark.skipif(not HAS_SPARSIFY, reason="eai-sparsify not installed")
+@pytest.mark.parametrize("arch, kw", [
+    ("nbfeatures.groupmax", {"activation": "groupmax"}),
+    ("nbfeatures.groupmax", {"activation": "groupmax", "transcode": True, "skip_connection": True}),
+    ("nbfeatures.topk_transcoder", {"transcode": True}),
+    ("nbfeatures.topk_transcoder", {"transcode": True, "skip_connection": True}),
+    ("nbfeatures.topk_transcoder", {"skip_connection": True}),  # a top-k SAE with a skip: b_dec is subtracted
+])  # fmt: skip
+def test_from_saelens_builds_every_producer(tmp_path, arch, kw):
+    """sparsify's SparseCoder writes a folder; load_sae builds our module, which reproduces SparseCoder's outputs,
+    and save_sae / load_sae round-trip it bit-exactly under its nbfeatures.* name."""
+    from sparsify.config import SparseCoderConfig
+    from sparsify.sparse_coder import SparseCoder
 
-    if arch not in fmt.ARCHITECTURES:
-        pytest.skip(f"from_saelens does not build {arch!r} yet (sparsify groupmax / top-k transcoders)")
+    from nbfeatures.sae import load_sae, save_sae
+    from nbfeatures.sae.sparsify_format import SPARSIFY_ARCHITECTURES
+
+    coder = SparseCoder(D, SparseCoderConfig(num_latents=F, k=4, **kw))
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(_rand(*p.shape) * 0.5)
+    coder.save_to_disk(tmp_path / "layers.2")
+    sae = load_sae(tmp_path / "layers.2")
+    assert type(sae) is SPARSIFY_ARCHITECTURES[arch][0] and sae.architecture == arch
+    assert sae.cfg.skip_connection == kw.get("skip_connection", False)
+    assert sae.cfg.apply_b_dec_to_input == (not kw.get("transcode", False))
+    x = _x()
+    with torch.no_grad():
+        enc = coder.encode(x)
+        latents = torch.zeros(N, F).scatter(-1, enc.top_indices, enc.top_acts)
+        out = coder(x).sae_out
+        ours = sae(x)
+    torch.testing.assert_close(sae.encode(x), latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.latents, latents, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.x_hat, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(sae.encode(x), x), ours.x_hat)
+    assert (ours.latents > 0).sum(-1).le(4).all() and (ours.latents > 0).any()
+    if arch == "nbfeatures.groupmax":  # one winner per group of F / k
+        assert (ours.latents.unflatten(-1, (4, -1)) > 0).sum(-1).le(1).all()
+
+    save_sae(sae, tmp_path / "ours", hook_name="blocks.2.hook_resid_post")
+    cfg = json.loads((tmp_path / "ours" / "cfg.json").read_text())
+    assert cfg["architecture"] == arch and cfg["k"] == 4 and cfg["d_out"] == D
+    again = load_sae(tmp_path / "ours")
+    assert type(again) is type(sae) and again.cfg == sae.cfg and again.metadata["hook_name"] == "blocks.2.hook_resid_post"
+    assert sae.state_dict().keys() == again.state_dict().keys()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in sae.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(again(x).x_hat, ours.x_hat)
+
+
+def test_sparsify_variants_refuse_bad_configs(tmp_path):
+    from nbfeatures.sae.saelens_format import from_saelens
+
+    cfg, tensors = read_foreign(_write_sparsify_folder(tmp_path / "g", {"activation": "groupmax"}))
+    with pytest.raises(ValueError, match=r"fixture: groupmax needs k to divide d_sae, got k=3, d_sae=16"):
+        from_saelens({**cfg, "k": 3}, tensors, "fixture")
+    with pytest.raises(ValueError, match=r"fixture: .*unexpected \['W_skip'\]"):
+        from_saelens(cfg, {**tensors, "W_skip": torch.zeros(D, D)}, "fixture")
+    with pytest.raises(ValueError, match=r"fixture: architecture 'nbfeatures.groupmax' takes normalize_activations .* 'none' only"):
+        from_saelens({**cfg, "normalize_activations": "layer_norm"}, tensors, "fixture")
+
+
+def _write_sparsify_folder(folder, raw):
+    _write_sparsify(folder, raw)
+    return folder
 
 
 # ---- sparsify

@@ -1,8 +1,16 @@
-"""The dictionary family: one contract (`Dictionary`, in base.py), one file per dictionary, one file format module.
+"""The dictionary family: one contract (`Dictionary`, in base.py), one file per dictionary, the file formats.
 
     topk.py    TopKSAE (Gao et al. 2024)          relu.py    ReLUSAE, the L1 "local" baseline
     binary.py  BinaryAE (1-bit codes)             e2e.py     objectives through the spliced model (Braun et al. 2024)
-    io.py      SAELens v6 folders (+ sparsify, dictionary_learning readers), register_architecture
+
+    saelens_format.py  SAELensSAE: every SAELens 6 inference architecture, computed as SAELens computes it;
+                       from_saelens / to_saelens between a SAELens cfg.json + tensors and our modules
+    sparsify_format.py GroupMaxSAE, TopKTranscoder: sparsify's variants SAELens lacks (nbfeatures.groupmax,
+                       nbfeatures.topk_transcoder), inference only
+    producers.py       read_foreign: sparsify, dictionary_learning, Gemma Scope and Llama Scope files -> SAELens (cfg, tensors)
+    pretrained.py      locate_pretrained: a SAELens registry release + sae_id -> its files in the Hugging Face cache
+    io.py              load_sae(folder) or load_sae(release, sae_id); save_sae writes a SAELens v6 folder;
+                       register_architecture
 
 Adding a dictionary: one new file with its config, module (`architecture`, `default_objective()`) and objective,
 then `register_architecture(name, Module, Config)` at the bottom of that file and its import in this one.
@@ -12,9 +20,15 @@ from .base import Dictionary
 from .binary import BinaryAE, BinaryConfig, BinaryObjective, deviation_acts, feature_set_entropy
 from .e2e import E2EObjective, downstream_sites, finetune_kl_mse, nearest_neighbour_cosine, warm_start_
 from .io import load_sae, register_architecture, save_sae
+from .pretrained import locate as locate_pretrained
+from .producers import read_foreign
 from .relu import ReLUConfig, ReLUObjective, ReLUSAE
+from .saelens_format import SAELensConfig, SAELensSAE, from_saelens, to_saelens
+from .sparsify_format import GroupMaxSAE, SparsifyConfig, TopKTranscoder
 from .topk import TopKConfig, TopKObjective, TopKSAE
 
-__all__ = ["BinaryAE", "BinaryConfig", "BinaryObjective", "Dictionary", "E2EObjective", "ReLUConfig", "ReLUObjective", "ReLUSAE",
-           "TopKConfig", "TopKObjective", "TopKSAE", "deviation_acts", "downstream_sites", "feature_set_entropy", "finetune_kl_mse", "load_sae",
-           "nearest_neighbour_cosine", "register_architecture", "save_sae", "warm_start_"]
+__all__ = ["BinaryAE", "BinaryConfig", "BinaryObjective", "Dictionary", "E2EObjective", "GroupMaxSAE", "ReLUConfig", "ReLUObjective",
+           "ReLUSAE", "SAELensConfig", "SAELensSAE", "SparsifyConfig", "TopKConfig", "TopKObjective", "TopKSAE", "TopKTranscoder",
+           "deviation_acts", "downstream_sites", "feature_set_entropy", "finetune_kl_mse", "from_saelens", "load_sae",
+           "locate_pretrained", "nearest_neighbour_cosine", "read_foreign", "register_architecture", "save_sae", "to_saelens",
+           "warm_start_"]  # fmt: skip

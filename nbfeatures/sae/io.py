@@ -8,7 +8,10 @@
 
 Reading checks cfg.json against the safetensors header (8-byte little-endian length, then JSON) before anything is
 allocated, so a small file claiming d_sae = 10^9 fails at once. sparsify, dictionary_learning, Gemma Scope and Llama
-Scope folders are converted by producers.py to the same (cfg, tensors) pair. `metadata.sae_lens_version` must parse as
+Scope folders are converted by producers.py to the same (cfg, tensors) pair. `load_sae(release, sae_id)` loads a
+pretrained dictionary of SAELens's registry from the local Hugging Face cache (pretrained.py finds the files), as
+`SAE.from_pretrained` would: the registry's config_overrides applied, its norm_scaling_factor folded in, and
+hook_name, model_name, release and sae_id recorded in `sae.metadata`. `metadata.sae_lens_version` must parse as
 >= 6.0.0 or SAELens discards the metadata, so it is always written ("6.0.0": the v6 layout); our own version goes in
 `metadata.nbfeatures_version`. A folder is written under a temporary sibling name and renamed into place; nothing is
 unpickled.
@@ -29,8 +32,9 @@ from torch import nn
 
 from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from .._versions import __version__
+from .pretrained import locate, registry
 from .producers import read_foreign
-from .saelens_format import ARCHITECTURES, file_shapes, from_saelens, saelens_cfg, to_saelens
+from .saelens_format import ARCHITECTURES, LLM_METADATA_KEYS, file_shapes, from_saelens, saelens_cfg, to_saelens
 
 SAE_LENS_FORMAT_VERSION = "6.0.0"
 CFG, WEIGHTS, SPARSITY = "cfg.json", "sae_weights.safetensors", "sparsity.safetensors"
@@ -81,11 +85,21 @@ def save_sae(sae: nn.Module, folder: str | os.PathLike, *, hook_name: str | None
     return folder
 
 
-def load_sae(folder: str | os.PathLike) -> nn.Module:
-    """Load a dictionary from a SAELens (any version), sparsify, dictionary_learning, Gemma Scope or Llama Scope folder."""
+def load_sae(folder: str | os.PathLike, sae_id: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> nn.Module:
+    """Load a dictionary from a SAELens (any version), sparsify, dictionary_learning, Gemma Scope or Llama Scope folder;
+    or, given a SAELens release name and `sae_id`, the pretrained one from the Hugging Face cache in `cache_dir`
+    (default: HF_HUB_CACHE), downloading it only when HF_HUB_OFFLINE is unset."""
+    if sae_id is not None:
+        return _load_pretrained(str(folder), str(sae_id), cache_dir)
+    if isinstance(folder, str) and not os.path.exists(folder) and folder in registry():
+        ids = [str(s["id"]) for s in registry()[folder]["saes"]]
+        if len(ids) == 1:
+            return _load_pretrained(folder, ids[0], cache_dir)
+        raise ValueError(f"{folder!r} is a SAELens release with {len(ids)} dictionaries: pass one as sae_id, "
+                         f"e.g. load_sae({folder!r}, {ids[0]!r})")  # fmt: skip
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder")
+        raise ValueError(f"{folder}: not a folder (nor a SAELens release: load_sae(release, sae_id) loads those)")
     if (folder / WEIGHTS).exists():
         return _load_saelens(folder)
     foreign = read_foreign(folder)
@@ -142,9 +156,44 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]
     return out
 
 
-def _load_saelens(folder: pathlib.Path) -> nn.Module:
+def _load_pretrained(release: str, sae_id: str, cache_dir) -> nn.Module:
+    """SAE.from_pretrained(release, sae_id), reading the files `locate` finds."""
+    loc = locate(release, sae_id, cache_dir=cache_dir)
+    # SAELens updates the loader's cfg with the overrides; a v6 cfg keeps metadata apart, so metadata keys go there too
+    overrides = dict(loc.config_overrides)
+    meta = {k: v for k, v in overrides.items() if k in LLM_METADATA_KEYS}
+    where = f"{release} / {sae_id} ({loc.path})"
+    if loc.conversion == "sae_lens":
+        sae = _load_saelens(loc.path, overrides, loc.norm_scaling_factor)
+    else:
+        foreign = read_foreign(loc.path)
+        if foreign is None:
+            raise ValueError(f"{where}: the files of conversion {loc.conversion!r} are not readable: "
+                             f"{sorted(p.name for p in loc.path.iterdir())}")  # fmt: skip
+        cfg, tensors = foreign
+        cfg = {**cfg, **{k: v for k, v in overrides.items() if k not in meta}, "metadata": {**cfg["metadata"], **meta}}
+        factor, folded = loc.norm_scaling_factor, cfg["metadata"].get("norm_scaling_factor")
+        if factor is not None and folded is not None and factor != folded:
+            # producers folded the factor computed from hyperparams.json; SAELens folds the registry's into the weights
+            # (the threshold keeps the computed one, as SAELens's llama_scope loader scales it)
+            r = factor / folded
+            tensors = {**tensors, "W_enc": tensors["W_enc"] * r, "W_dec": tensors["W_dec"] / r, "b_dec": tensors["b_dec"] / r}
+            cfg["metadata"]["norm_scaling_factor"] = factor
+        elif factor is not None and folded is None:
+            cfg["norm_scaling_factor"] = factor  # folded by from_saelens when normalize_activations asks for it
+        sae = from_saelens(cfg, tensors, where)
+    sae.metadata.update(meta)
+    sae.metadata.update(hook_name=loc.hook_name or sae.metadata.get("hook_name"), model_name=meta.get("model_name", loc.model_name),
+                        release=release, sae_id=sae_id)  # fmt: skip
+    return sae
+
+
+def _load_saelens(folder: pathlib.Path, overrides: dict | None = None, norm_scaling_factor: float | None = None) -> nn.Module:
     cfg_path, weights = folder / CFG, folder / WEIGHTS
-    cfg = saelens_cfg(load_json(cfg_path), str(cfg_path))
+    raw = {**load_json(cfg_path), **(overrides or {})}
+    if norm_scaling_factor is not None:  # the registry's factor, as SAE.from_pretrained folds it
+        raw["norm_scaling_factor"] = norm_scaling_factor
+    cfg = saelens_cfg(raw, str(cfg_path))
     expected, header = file_shapes(cfg, str(cfg_path)), read_header(weights)
     arch, legacy_scale = cfg["architecture"], "scaling_factor"  # a pre-6.0 finetuning scale, dropped when all ones
     missing = sorted(set(expected) - set(header))

@@ -8,6 +8,7 @@ The registry is `sae_lens/pretrained_saes.yaml` when sae_lens is installed (read
 else the small table VENDORED below. Files are looked up in the hub cache first
 (`<cache>/models--<org>--<name>/snapshots/<rev>/<path>`, `refs/main` naming <rev>); with HF_HUB_OFFLINE=1 nothing
 touches the network and a missing file is an immediate ValueError; online, a missing file is downloaded.
+`io.load_sae(release, sae_id)` reads what `locate` finds (exported as `nbfeatures.sae.locate_pretrained`).
 """
 
 from __future__ import annotations

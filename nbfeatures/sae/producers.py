@@ -7,10 +7,11 @@ folder is not a foreign one (a SAELens folder, say). `cfg["metadata"]["source_fo
     producer             files                                  architecture (cfg)
     sparsify             cfg.json + sae.safetensors             topk | nbfeatures.groupmax | nbfeatures.topk_transcoder
     dictionary_learning  config.json + ae.pt                    standard | gated | jumprelu | topk
-    gemma_scope          params.npz                             jumprelu, apply_b_dec_to_input False
+    gemma_scope          params.npz                             jumprelu, apply_b_dec_to_input False (att: hook_z)
     llama_scope          hyperparams.json + checkpoints/final.safetensors   jumprelu, dataset norm folded in
 
-Two architectures SAELens 6 lacks (both with fields k, d_out, apply_b_dec_to_input and an optional W_skip):
+Two architectures SAELens 6 lacks, built by sparsify_format.py (both with fields k, d_out, apply_b_dec_to_input and
+skip_connection, which adds W_skip):
 
     pre = relu((x - b_dec if apply_b_dec_to_input else x) W_enc + b_enc)
     nbfeatures.topk_transcoder:  latents = pre on its k largest entries per row, 0 elsewhere
@@ -121,7 +122,7 @@ def _sparsify(folder: pathlib.Path) -> tuple[dict, dict]:
     if activation == "topk" and not transcode and not skip:
         return _cfg("topk", tensors, apply_b_dec_to_input=True, metadata=metadata, k=k, rescale_acts_by_decoder_norm=False), tensors
     arch = "nbfeatures.groupmax" if activation == "groupmax" else "nbfeatures.topk_transcoder"
-    return _cfg(arch, tensors, apply_b_dec_to_input=not transcode, metadata=metadata, k=k, d_out=d_in), tensors
+    return _cfg(arch, tensors, apply_b_dec_to_input=not transcode, metadata=metadata, k=k, d_out=d_in, skip_connection=skip), tensors
 
 
 def _sparsify_hook_name(hookpoint: str, transcode: bool) -> str | None:
@@ -253,7 +254,10 @@ def _gemma_scope(folder: pathlib.Path) -> tuple[dict, dict]:
         tensors["W_enc"], tensors["W_dec"] = tensors["W_enc"] / math.sqrt(d), tensors["W_dec"] * math.sqrt(d)
     tensors = _checked(where, tensors)
     metadata = {"source_format": "gemma_scope", **_gemma_hook(parts)}
-    return _cfg("jumprelu", tensors, apply_b_dec_to_input=False, metadata=metadata), tensors
+    cfg = _cfg("jumprelu", tensors, apply_b_dec_to_input=False, metadata=metadata)
+    if str(metadata.get("hook_name")).endswith("hook_z"):  # SAELens reads an attention SAE's [.., H, E] input as [.., H*E]
+        cfg["reshape_activations"] = "hook_z"
+    return cfg, tensors
 
 
 def _gemma_hook(parts: tuple[str, ...]) -> dict:

@@ -18,7 +18,9 @@ in cfg.json, which SAELens keeps in its registry instead, is folded in at load a
 reshape_activations="hook_z" reads [.., H, E] as [.., H*E] and writes the output back as [.., H, E].
 
 When the semantics are exactly our own TopKSAE / ReLUSAE (or another registered dictionary), `from_saelens` builds
-that, so warm starts and training keep working; everything else is an inference-only `SAELensSAE`.
+that, so warm starts and training keep working; sparsify's `nbfeatures.groupmax` and `nbfeatures.topk_transcoder`
+build the inference-only modules of sparsify_format.py (SAELens cannot load those two); everything else is an
+inference-only `SAELensSAE`.
 
 Dimension key: N tokens, D input dim (d_in), O output dim (d_out; = D but for transcoders), F latents (d_sae),
 H heads, E head dim.
@@ -35,6 +37,7 @@ from packaging.version import InvalidVersion, Version
 from torch import Tensor, nn
 
 from .base import DictionaryModule
+from .sparsify_format import SPARSIFY_ARCHITECTURES
 
 TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 SAELENS_ARCHITECTURES = ("standard", "topk", "abstopk", "jumprelu", "gated") + TRANSCODERS
@@ -46,6 +49,11 @@ LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hook_head_i
                      "sae_lens_training_version", "hook_name_out", "hook_head_index_out", "hf_hook_name", "hf_hook_name_out")  # fmt: skip
 # our own dictionaries, by their name in cfg.json -> (module class, config class); each file registers itself via io.py
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {}
+
+
+def _registered(arch: str) -> tuple[type[nn.Module], type] | None:
+    """(module, config) of one of our dictionaries or of a sparsify variant SAELens lacks; None for SAELens's own."""
+    return ARCHITECTURES.get(arch) or SPARSIFY_ARCHITECTURES.get(arch)
 
 
 @dataclass(frozen=True)
@@ -279,9 +287,9 @@ def saelens_cfg(cfg: dict, where: str) -> dict:
         raise ValueError(f"{where}: field 'metadata' must be an object, got {type(cfg['metadata']).__name__}")
     cfg = dict(_legacy_to_v6(cfg) if _is_pre_v6(cfg, where) else cfg)
     arch = cfg.get("architecture")
-    if arch not in SAELENS_ARCHITECTURES and arch not in ARCHITECTURES:
+    if arch not in SAELENS_ARCHITECTURES and _registered(arch) is None:
         raise ValueError(f"{where}: field 'architecture' = {arch!r} is not supported; supported: "
-                         f"{sorted(set(SAELENS_ARCHITECTURES) | set(ARCHITECTURES))}")  # fmt: skip
+                         f"{sorted(set(SAELENS_ARCHITECTURES) | set(ARCHITECTURES) | set(SPARSIFY_ARCHITECTURES))}")  # fmt: skip
     topk, transcoder = arch in ("topk", "abstopk"), arch in TRANSCODERS
     defaults = {"k": 100} if topk else {"d_out": 768} if transcoder else {}  # SAELens's config defaults
     for name in ("d_in", "d_sae", *defaults):
@@ -325,24 +333,24 @@ def _config(cfg: dict) -> SAELensConfig:
 def _native(cfg: dict, where: str) -> nn.Module | None:
     """Our own dictionary (on the meta device: no memory) when it computes exactly what SAELens computes for `cfg`."""
     arch = cfg["architecture"]
-    if arch not in ARCHITECTURES:
+    if _registered(arch) is None:
         return None
     plain = cfg.get("normalize_activations", "none") == "none" and cfg.get("reshape_activations", "none") == "none"
     if arch in SAELENS_ARCHITECTURES and not (plain and cfg.get("apply_b_dec_to_input", True) is True):
         return None
     if not plain:
         raise ValueError(f"{where}: architecture {arch!r} takes normalize_activations and reshape_activations 'none' only")
-    module_cls, config_cls = ARCHITECTURES[arch]
+    module_cls, config_cls = _registered(arch)
     fields = [f for f in dataclasses.fields(config_cls) if f.name not in ("d_in", "d_sae")]
     try:
         config = config_cls(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
                             **{f.name: cfg[f.name] for f in fields if f.name in cfg or f.default is dataclasses.MISSING})  # fmt: skip
+        with torch.device("meta"):
+            return module_cls(config, seed=None)
     except KeyError as e:
         raise ValueError(f"{where}: field {e.args[0]!r} is missing, needed for architecture {arch!r}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
-    with torch.device("meta"):
-        return module_cls(config, seed=None)
 
 
 def file_shapes(cfg: dict, where: str = "cfg") -> dict[str, tuple[int, ...]]:
@@ -396,7 +404,8 @@ def from_saelens(cfg: dict, tensors: dict[str, Tensor], where: str) -> nn.Module
 
 
 def to_saelens(sae: nn.Module) -> tuple[dict, dict[str, Tensor]]:
-    """(cfg.json fields without metadata, tensors) that SAELens 6 loads as the same dictionary."""
+    """(cfg.json fields without metadata, tensors) that SAELens 6 loads as the same dictionary; the sparsify variants
+    (`nbfeatures.groupmax`, `nbfeatures.topk_transcoder`) keep their own name, which only nbfeatures loads."""
     dtype = str(sae.W_dec.dtype).removeprefix("torch.")
     tensors = {name: p.detach() for name, p in sae.state_dict().items()}
     if isinstance(sae, SAELensSAE):
@@ -410,9 +419,9 @@ def to_saelens(sae: nn.Module) -> tuple[dict, dict[str, Tensor]]:
                 "normalize_activations": c.normalize_activations, "reshape_activations": c.reshape_activations}  # fmt: skip
         return cfg | {"architecture": c.architecture}, tensors
     arch = getattr(sae, "architecture", None)
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or _registered(arch) is None:
         raise ValueError(f"cannot save {type(sae).__name__}: architecture {arch!r} is not one of "
-                         f"{sorted(set(ARCHITECTURES) | {'SAELensSAE'})}")  # fmt: skip
+                         f"{sorted(set(ARCHITECTURES) | set(SPARSIFY_ARCHITECTURES) | {'SAELensSAE'})}")  # fmt: skip
     cfg = {**sae.config_dict(), "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": getattr(sae, "apply_b_dec_to_input", True),
            "normalize_activations": "none", "reshape_activations": "none"}  # fmt: skip
     if arch == "topk":
