@@ -59,6 +59,16 @@ def main() -> None:
     def out0(o):
         return o[0] if isinstance(o, tuple) else o
 
+    def run_until_stop(handles):
+        """One forward pass with these hooks, stopped by the one that raises _Stop; the hooks are removed after."""
+        try:
+            hf(ids)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
     def hook_read():
         store = {}
 
@@ -69,14 +79,7 @@ def main() -> None:
                     raise _Stop
             return hook
 
-        hs = [mid_mod.register_forward_hook(grab(mid, False)), last_mod.register_forward_hook(grab(last, True))]
-        try:
-            hf(ids)
-        except _Stop:
-            pass
-        finally:
-            for h in hs:
-                h.remove()
+        run_until_stop([mid_mod.register_forward_hook(grab(mid, False)), last_mod.register_forward_hook(grab(last, True))])
         return store
 
     def hook_edit(fn):
@@ -101,14 +104,7 @@ def main() -> None:
         def stop(*_):
             raise _Stop
 
-        hs.append(last_block.register_forward_hook(stop))
-        try:
-            hf(ids)
-        except _Stop:
-            pass
-        finally:
-            for h in hs:
-                h.remove()
+        run_until_stop(hs + [last_block.register_forward_hook(stop)])
         return store
 
     pattern = f"blocks.{n_layers - 1}.attn.hook_pattern"

@@ -4,7 +4,7 @@ Each edit is a small frozen dataclass with a pure-torch `apply(act, mask)`; the 
 (`sites.py`) decides *where* and *when* it runs (which site, which forward pass of a
 generation, which positions), so the arithmetic here can be tested without a model.
 
-    Splice:     act -> f(act).x_hat                  (+ (act - x_hat).detach() with error_term)
+    Splice:     act -> f(act).x_hat                  (error_term: the value stays act, the gradient goes to x_hat)
     Transcode:  act -> f(x_in).x_hat                 x_in read at an earlier site of the same forward pass
     Steer:   act[:, p] -> act[:, p] + coef * v        for p in positions
     Ablate:  act[:, p] -> 0  or  mean                 for p in positions
@@ -83,8 +83,9 @@ def _check_like(site: str, what: str, t: Tensor, act: Tensor) -> None:
 class Splice:
     """Replace the activation by `module(act).x_hat` (any dictionary, or a callable returning a tensor).
 
-    With `error_term=True` the model sees `x_hat + (act - x_hat).detach()`: its output is
-    unchanged while the latents are observed, and gradients still reach the module. A foreign
+    With `error_term=True` the model sees `act.detach() + (x_hat - x_hat.detach())`: exactly the
+    clean value in any dtype, so its output is unchanged while the latents are observed, and
+    gradients still reach the module. A foreign
     dictionary (SAELens, sparsify, anything with encode/decode) is adapted by `as_dictionary`.
     """
 
