@@ -32,6 +32,11 @@ from .edits import Ablate, Splice, Transcode, as_dictionary
 from .harvest import token_batches
 
 
+def _check_size(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def _nll_and_kl(logits: Tensor, ref_logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token next-token NLL [B, T-1] and KL(P_ref || P) [B, T-1], zero where masked."""
     logp = F.log_softmax(logits[:, :-1].float(), -1)
@@ -51,6 +56,12 @@ def evaluate_sae(model: sites.Model, sae: nn.Module, site: str, tokens: Any, *, 
     baseline ablates `site`). `downstream` sites (e.g. later hook_resid_pre) add `ds_mse/<site>`: mean squared error per element
     between their spliced and clean activations.
     """
+    _check_size("batch_size", batch_size)
+    for name, s in (("site", site), ("in_site", in_site)):
+        if not (isinstance(s, str) or name == "in_site" and s is None):
+            raise TypeError(f"{name} must be a site name (str), e.g. 'blocks.1.hook_resid_post'; got {type(s).__name__}")
+    if isinstance(downstream, str) or not all(isinstance(d, str) for d in downstream):
+        raise TypeError(f"downstream must be a list of site names, e.g. ['blocks.2.hook_resid_pre']; got {downstream!r:.80}")
     sums: dict[str, float] = dict(nll_clean=0.0, nll_sae=0.0, nll_zero=0.0, kl=0.0, n_pred=0.0, sq_err=0.0, sq=0.0,
                                   l0=0.0, n_tok=0.0, norm_ratio=0.0)
     sum_x = None
@@ -127,10 +138,16 @@ def compare_density(dictionaries: Mapping[str, nn.Module], acts_ND: Tensor, *, t
     counts them by deviation from each latent's usual state (on -> off counts as firing for a bit that
     is usually on: density min(p, 1 - p)), the BAE paper's reading of binary codes.
     """
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
-    if not dictionaries:
-        raise ValueError("compare_density needs at least one dictionary, e.g. {'topk': sae}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold!r}")
+    if not isinstance(dictionaries, Mapping) or not dictionaries:
+        raise ValueError("compare_density needs a dict of at least one dictionary, e.g. {'topk': sae}")
+    _check_size("batch_size", batch_size)
+    if not isinstance(acts_ND, Tensor) or acts_ND.dim() != 2 or len(acts_ND) == 0:
+        raise ValueError(f"acts_ND must be a [N, D] tensor of activations with N >= 1, got "
+                         f"{list(acts_ND.shape) if isinstance(acts_ND, Tensor) else type(acts_ND).__name__}")
+    if acts_ND.is_floating_point() and not bool(torch.isfinite(acts_ND).all()):
+        raise ValueError(f"acts_ND holds {int((~torch.isfinite(acts_ND)).sum())} NaN or inf value(s); activations must be finite")
     rows = []
     for name, d in dictionaries.items():
         fired = sq_err = n = 0

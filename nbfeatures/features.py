@@ -55,6 +55,15 @@ class FeatureCard(NamedTuple):
 
 def sparse_from_topk(acts_NK: Tensor, indices_NK: Tensor, d_sae: int) -> Tensor:
     """A sparse COO [N, F] activation matrix from a TopK SAE's (acts, indices) (distinct indices per row)."""
+    d_sae = _int("d_sae", d_sae, 1)
+    if not isinstance(acts_NK, Tensor) or not isinstance(indices_NK, Tensor):
+        raise TypeError(f"acts_NK and indices_NK must be torch tensors, got {type(acts_NK).__name__} and {type(indices_NK).__name__}")
+    if acts_NK.dim() != 2 or acts_NK.shape != indices_NK.shape:
+        raise ValueError(f"acts_NK and indices_NK must both be [N, K], got {list(acts_NK.shape)} and {list(indices_NK.shape)}")
+    if indices_NK.is_floating_point() or indices_NK.dtype == torch.bool:
+        raise TypeError(f"indices_NK must be integer latent ids, got dtype {indices_NK.dtype}")
+    if indices_NK.numel() and (int(indices_NK.min()) < 0 or int(indices_NK.max()) >= d_sae):
+        raise ValueError(f"indices_NK must be latent ids in [0, d_sae={d_sae}), got min {int(indices_NK.min())}, max {int(indices_NK.max())}")
     N, K = acts_NK.shape
     indices_NK, order = indices_NK.sort(dim=1)  # row-major sorted entries: already coalesced, no sort later
     rows = torch.arange(N, device=acts_NK.device).repeat_interleave(K)
@@ -81,12 +90,51 @@ def _group_topk(f: Tensor, v: Tensor, n: Tensor, k: int, F: int) -> tuple[Tensor
     return top_v, top_n
 
 
+def _int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= {lo}, got {type(value).__name__} {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {value}")
+    return int(value)
+
+
+def _as_tensor(name: str, value: Any, what: str) -> Tensor:
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be {what} (a tensor or array), got {type(value).__name__}") from None
+    if t.is_complex():
+        raise TypeError(f"{name} must be {what}, got dtype {t.dtype}")
+    return t
+
+
+def _ids(name: str, value: Any, N: int | None = None) -> Tensor:
+    t = _as_tensor(name, value, "integer ids")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be integer ids, got dtype {t.dtype}")
+    if N is not None and t.numel() != N:
+        raise ValueError(f"{name} must have N={N} entries like `tokens`; got {t.numel()}")
+    return t.long()
+
+
+def _check_values(v: Tensor) -> None:
+    """The nonzero activations of a block: finite and >= 0 (max, mean and quantiles assume a feature is 0 when off)."""
+    bad = ~torch.isfinite(v)
+    if bool(bad.any()):
+        raise ValueError(f"acts holds {int(bad.sum())} NaN or inf value(s); activations must be finite numbers >= 0")
+    if bool((v < 0).any()):
+        raise ValueError(f"acts must be >= 0 (latents, codes, bits: 0 when off), got min {v.min().item():.4g}; "
+                         "for signed activations pass acts.clamp_min(0) or acts.abs()")
+
+
 def _labels_NC(labels: Tensor | np.ndarray, N: int, names: Sequence[str] | None) -> tuple[Tensor, list[str]]:
-    lab = torch.as_tensor(labels)
+    lab = _as_tensor("labels", labels, "[N] class ids or [N, C] indicators")
     if lab.dim() == 1:  # one class id per token; negative: no label
         if lab.is_floating_point():
             raise ValueError(f"labels [N] must be integer class ids; got dtype {lab.dtype}")
         C = len(names) if names is not None else int(lab.max()) + 1
+        if C < 1:
+            raise ValueError("labels [N] hold no class id >= 0 (-1 means no label) and no label_names were given")
         if int(lab.max()) >= C:
             raise ValueError(f"labels hold class id {int(lab.max())} but {C} label names were given (ids must be < {C})")
         onehot = torch.zeros(len(lab), C)
@@ -95,6 +143,8 @@ def _labels_NC(labels: Tensor | np.ndarray, N: int, names: Sequence[str] | None)
         lab = onehot
     if lab.dim() != 2 or lab.shape[0] != N:
         raise ValueError(f"labels must be [N] class ids or [N, C] indicators with N={N}; got shape {list(lab.shape)}")
+    if lab.is_floating_point() and bool(torch.isnan(lab).any()):
+        raise ValueError("labels [N, C] hold NaN; indicators must be 0 / 1 (or bool)")
     names = list(names) if names is not None else [f"label {c}" for c in range(lab.shape[1])]
     if len(names) != lab.shape[1]:
         raise ValueError(f"got {len(names)} label names for {lab.shape[1]} labels")
@@ -119,7 +169,23 @@ def summarize_features(
         W_dec may also be [D, F] (found by matching F and D) or a dictionary with `.W_dec` (ours, SAELens, sparsify).
     labels: [N] class ids (-1: none) or [N, C] indicators, with `label_names`: best label with precision / recall.
     """
-    tokens = torch.as_tensor(tokens)
+    tokens = _ids("tokens", tokens)
+    if tokens.dim() not in (1, 2):
+        raise ValueError(f"tokens must be [N] or [B, T] token ids, got shape {list(tokens.shape)}")
+    if isinstance(decode, str) or not (callable(decode) or hasattr(decode, "__getitem__") and hasattr(decode, "__len__")):
+        raise TypeError(f"decode must be a callable token id -> str or a list of token strings, got {type(decode).__name__}")
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise ValueError(f"tokens must be ids >= 0, got min {int(tokens.min())}")
+    if not callable(decode) and tokens.numel() and int(tokens.max()) >= len(decode):
+        raise ValueError(f"tokens hold id {int(tokens.max())} but decode lists {len(decode)} strings (ids must be < {len(decode)})")
+    n_top, n_quantiles, bins, chunk_elements = (_int("n_top", n_top, 1), _int("n_quantiles", n_quantiles, 1),
+                                                _int("bins", bins, 1), _int("chunk_elements", chunk_elements, 1))
+    per_quantile, n_output, n_summary_tokens = (_int("per_quantile", per_quantile, 0), _int("n_output", n_output, 0),
+                                                _int("n_summary_tokens", n_summary_tokens, 0))
+    seed = _int("seed", seed, 0)
+    if not isinstance(context, (tuple, list)) or len(context) != 2:
+        raise ValueError(f"context must be (tokens before, tokens after), two ints >= 0, got {context!r}")
+    context = (_int("context[0]", context[0], 0), _int("context[1]", context[1], 0))
     if tokens.dim() == 2:
         B, T = tokens.shape
         if seq is None:
@@ -131,19 +197,25 @@ def summarize_features(
         raise ValueError("summarize_features needs at least one token")
     sparse = isinstance(acts, Tensor) and acts.layout != torch.strided
     if not sparse:
-        acts = torch.as_tensor(acts)
+        acts = _as_tensor("acts", acts, "activations [N, F] or [B, T, F]")
         if acts.dim() == 3:
             acts = acts.reshape(-1, acts.shape[-1])
     if acts.dim() != 2 or acts.shape[0] != N:
         raise ValueError(f"acts must be [N, F] (or [B, T, F]) over the same N={N} tokens as `tokens`; got {list(acts.shape)}")
     F = acts.shape[1]
-    seq = torch.zeros(N, dtype=torch.long) if seq is None else torch.as_tensor(seq).reshape(-1)
-    pos = torch.arange(N) if pos is None else torch.as_tensor(pos).reshape(-1)
+    seq = torch.zeros(N, dtype=torch.long) if seq is None else _ids("seq", seq, N).reshape(-1)
+    pos = torch.arange(N) if pos is None else _ids("pos", pos, N).reshape(-1)
     if len(seq) != N or len(pos) != N:
         raise ValueError(f"seq and pos must have N={N} entries like `tokens`; got {len(seq)} and {len(pos)}")
     if (W_dec is None) != (W_U is None):
         raise ValueError("output tokens need both W_dec [F, D] and W_U [D, V]; got only one")
     if W_dec is not None:
+        if not isinstance(W_U, Tensor) or W_U.dim() != 2:
+            raise ValueError(f"W_U must be a [D, V] tensor (HF lm_head is [V, D]: pass .T), got "
+                             f"{list(W_U.shape) if isinstance(W_U, Tensor) else type(W_U).__name__}")
+        if not callable(decode) and W_U.shape[1] > len(decode):
+            raise ValueError(f"W_U [D, V] has V={W_U.shape[1]} columns but decode lists {len(decode)} strings; "
+                             "decode needs a string for every output token")
         try:
             W_dec = decoder_rows(W_dec, d=W_U.shape[0], n_latents=F)
         except ValueError as e:
@@ -160,6 +232,7 @@ def summarize_features(
 
     def consume(n: Tensor, f: Tensor, v: Tensor, rows: int, offset: int) -> None:
         # All statistics from the nonzero (token, feature, value) triplets of a block of rows.
+        _check_values(v)
         count.add_(torch.bincount(f, minlength=F))
         total.index_add_(0, f, v.double())
         amax.copy_(amax.scatter_reduce(0, f, v, "amax"))
@@ -262,6 +335,7 @@ class FeatureSummary:
 
     def column(self, f: int) -> np.ndarray:
         """Feature f's activation on every token [N]."""
+        f = self._feature(f)
         if self._triplets is None:
             return self._acts[:, f].float().numpy()
         n, feature, v = self._triplets
@@ -279,10 +353,15 @@ class FeatureSummary:
         return Context([self._vocab(int(t)) for t in self._tokens[idx]], col[idx], int(np.flatnonzero(idx == n)[0]),
                        float(col[n]), int(self._seq[n]), int(self._pos[n]))
 
-    def _card(self, f: int) -> FeatureCard:
-        f = int(f)
+    def _feature(self, f: Any) -> int:
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
+            raise TypeError(f"feature must be an int id in 0..{len(self.table) - 1}, got {type(f).__name__} {f!r}")
         if not 0 <= f < len(self.table):
             raise ValueError(f"feature {f} is out of range: there are {len(self.table)} features (0..{len(self.table) - 1})")
+        return int(f)
+
+    def _card(self, f: int) -> FeatureCard:
+        f = self._feature(f)
         o, row = self._opts, self.table.iloc[f]
         col = self.column(f)
         nz = np.flatnonzero(col)

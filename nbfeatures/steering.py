@@ -53,11 +53,21 @@ def edits_fn(model: sites.Model, make_edits: Callable[[int, float], Sequence[Edi
         force = lambda c, s: [Splice(site, lambda a: layer(a, ids=torch.full((*a.shape[:-1], 1), c)), positions=slice(-1, None))]
         fn = edits_fn(model, force)
     """
+    if not callable(make_edits):
+        raise TypeError(f"make_edits must be a callable (feature, strength) -> list of edits, got {type(make_edits).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     tok = sites.tokenizer_of(model)
     if tok is None:
         raise ValueError("steering needs a model wrapped with its tokenizer: wrap(model, tokenizer=...)")
 
     def fn(prompt: str, feature: int | None, strength: float) -> SteeringOutput:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if feature is not None and (isinstance(feature, bool) or not isinstance(feature, int) and not hasattr(feature, "__index__")):
+            raise TypeError(f"feature must be an int id (or None for no edit), got {type(feature).__name__} {feature!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or strength != strength or abs(strength) == float("inf"):
+            raise ValueError(f"strength must be a finite number, got {strength!r}")
         edits = [] if feature is None else list(make_edits(int(feature), float(strength)))
         with torch.no_grad():
             out = sites.generate(model, prompt, edits, max_new_tokens=max_new_tokens, **generate_kwargs)
@@ -77,6 +87,8 @@ def steering_fn(model: sites.Model, site: str, directions: Tensor | Any, *, posi
     directions: [F, D], e.g. an SAE's W_dec (rows are feature directions), or [D] for one vector (feature 0); a
     [D, F] matrix or a dictionary with `.W_dec` (ours, SAELens, sparsify) is turned into rows by matching the site's D.
     """
+    if not isinstance(site, str):
+        raise TypeError(f"site must be a site name (str), e.g. 'blocks.1.hook_resid_post'; got {type(site).__name__}")
     param = next(sites.unwrap(model).parameters(), None)
     if not isinstance(directions, Tensor) or directions.dim() == 2:
         probe = torch.zeros(1, 1, dtype=torch.long)  # one token tells the site's width D
@@ -86,6 +98,8 @@ def steering_fn(model: sites.Model, site: str, directions: Tensor | Any, *, posi
         directions = directions[None]
     if directions.dim() != 2:
         raise ValueError(f"directions must be [F, D] (or one vector [D]); got shape {list(directions.shape)}")
+    if directions.is_floating_point() and not bool(torch.isfinite(directions).all()):
+        raise ValueError("directions hold NaN or inf; steering directions must be finite")
 
     def make(feature: int, strength: float) -> list[Edit]:
         if not 0 <= feature < len(directions):

@@ -11,13 +11,16 @@ dictionary's `default_objective()` when omitted). Weight decay is decoupled (Ada
 to weight matrices only: decaying biases and norm gains only hurts.
 
 Checkpoints are `step_*` folders written under a temporary name and renamed into place, holding the module's
-tensors, Adam's state and the objective's state as safetensors plus the step, history, smoothed loss and every
-config as JSON. Resuming gives bit-for-bit the weights of an uninterrupted run; resuming with another module,
-objective or training config is refused with a message naming the difference.
+tensors, Adam's state and the objective's state as safetensors plus the step, history, smoothed loss, every
+config and a fingerprint of the data (a hash of batch 0) as JSON. Resuming gives bit-for-bit the weights of an
+uninterrupted run; resuming with another module, objective or training config is refused with a message naming
+the difference, and so is resuming on other data unless asked for (`resume="must"`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pathlib
@@ -26,13 +29,14 @@ import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Literal, Protocol, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._io import load_json, load_tensors, save_json, save_tensors
-from .harvest import TensorSource
+from .harvest import TensorSource, _ShardedTable, check_bool, check_choice, check_int, check_real
 
 Callback = Callable[[int, dict], Any]
 
@@ -60,25 +64,41 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm
     log_every: int = 10  # steps between history rows and callback calls
     checkpoint_every: int = 0  # 0: no periodic checkpoints
-    checkpoint_dir: str | None = None  # where they go; an existing latest checkpoint is resumed
+    checkpoint_dir: str | None = None  # where they go (see resume)
     seed: int = 0  # batch order
+    # with a checkpoint_dir: "auto" resumes the latest checkpoint when module, objective, configs and data all match
+    # (refusing it, naming the difference, otherwise); "must" refuses to start without one and may resume on other
+    # data; "never" refuses a folder that already holds a checkpoint
+    resume: Literal["auto", "never", "must"] = "auto"
 
     def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"need steps > 0 and batch_size > 0, got steps={self.steps}, batch_size={self.batch_size}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
-        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"decay_fraction and min_lr_ratio must lie in [0, 1], got {self.decay_fraction}, {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or (self.grad_clip is not None and not self.grad_clip > 0):
-            raise ValueError(f"need warmup_steps >= 0, weight_decay >= 0 and grad_clip > 0 (or None); got "
-                             f"{self.warmup_steps}, {self.weight_decay}, {self.grad_clip}")  # fmt: skip
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: store normalised values)
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("log_every", 1), ("checkpoint_every", 0), ("seed", 0)):
+            put(name, check_int("TrainConfig", name, getattr(self, name), minimum))
+        if self.lr is not None:
+            put("lr", check_real("TrainConfig", "lr", self.lr, strict=True))
+        if self.grad_clip is not None:
+            put("grad_clip", check_real("TrainConfig", "grad_clip", self.grad_clip, strict=True))
+        put("adam_eps", check_real("TrainConfig", "adam_eps", self.adam_eps, strict=True))
+        put("weight_decay", check_real("TrainConfig", "weight_decay", self.weight_decay))
+        put("decay_fraction", check_real("TrainConfig", "decay_fraction", self.decay_fraction, maximum=1.0))
+        put("min_lr_ratio", check_real("TrainConfig", "min_lr_ratio", self.min_lr_ratio, maximum=1.0))
+        betas = self.adam_betas
+        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
+            raise ValueError(f"TrainConfig: adam_betas must be two numbers in [0, 1), got {betas!r}")
+        put("adam_betas", tuple(check_real("TrainConfig", f"adam_betas[{i}]", b, maximum=1.0) for i, b in enumerate(betas)))
+        if 1.0 in self.adam_betas:
+            raise ValueError(f"TrainConfig: adam_betas must be two numbers in [0, 1), got {betas!r}")
+        check_choice("TrainConfig", "schedule", self.schedule, ("linear", "cosine"))
+        check_choice("TrainConfig", "resume", self.resume, ("auto", "never", "must"))
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not os.fspath(self.checkpoint_dir):
+                raise ValueError(f"TrainConfig: checkpoint_dir must be a folder path (str or Path) or None, got {self.checkpoint_dir!r}")
+            put("checkpoint_dir", os.fspath(self.checkpoint_dir))
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
-        if self.log_every <= 0 or self.checkpoint_every < 0:
-            raise ValueError(f"need log_every > 0 and checkpoint_every >= 0, got {self.log_every}, {self.checkpoint_every}")
+        if self.resume != "auto" and not self.checkpoint_dir:
+            raise ValueError(f"TrainConfig: resume={self.resume!r} needs a checkpoint_dir")
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -100,12 +120,23 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 def train(module: nn.Module, source: Any, cfg: TrainConfig, objective: Objective, callbacks: Sequence[Callback] = (),
           progress: bool = True, desc: str = "train") -> pd.DataFrame:  # fmt: skip
     """Train `module` on `source.batch(step)` with `objective`; returns the history (one row per logged step)."""
+    _check_train_args(module, source, cfg, objective, callbacks, progress)
     base_lr = cfg.lr or getattr(getattr(module, "cfg", None), "default_lr", 1e-3)
     opt = _optimizer(module, objective, base_lr, cfg)
-    start, history, smooth = 0, [], None
+    start, history, smooth, data = 0, [], None, None
     ckpt_dir = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if ckpt_dir is not None and latest_checkpoint(ckpt_dir) is not None:
-        start, history, smooth = load_checkpoint(latest_checkpoint(ckpt_dir), module, opt, objective, cfg)
+    if ckpt_dir is not None:
+        if ckpt_dir.exists() and not ckpt_dir.is_dir():
+            raise ValueError(f"TrainConfig: checkpoint_dir {ckpt_dir} is a file; it must be a folder (new or holding checkpoints)")
+        latest = latest_checkpoint(ckpt_dir)
+        if latest is not None and cfg.resume == "never":
+            raise ValueError(f"{ckpt_dir} already holds a checkpoint ({latest.name}) and resume='never'; use another "
+                             f"checkpoint_dir, delete this one, or resume='auto' to continue it")  # fmt: skip
+        if latest is None and cfg.resume == "must":
+            raise ValueError(f"resume='must' but {ckpt_dir} holds no checkpoint (step_* folder) to resume")
+        data = data_fingerprint(source)  # before anything steps: batch 0 as a fresh run sees it
+        if latest is not None:
+            start, history, smooth = load_checkpoint(latest, module, opt, objective, cfg, data=data)
     module.train()
     device = next(module.parameters()).device
     elapsed0 = history[-1]["elapsed_s"] if history else 0.0
@@ -143,11 +174,11 @@ def train(module: nn.Module, source: Any, cfg: TrainConfig, objective: Objective
             for cb in callbacks:
                 cb(step + 1, row)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(ckpt_dir, step + 1, module, opt, objective, history, cfg, smooth)
+            save_checkpoint(ckpt_dir, step + 1, module, opt, objective, history, cfg, smooth, data)
     bar.close()
     module.eval()
     if ckpt_dir is not None and start < cfg.steps:
-        save_checkpoint(ckpt_dir, cfg.steps, module, opt, objective, history, cfg, smooth)
+        save_checkpoint(ckpt_dir, cfg.steps, module, opt, objective, history, cfg, smooth, data)
     return pd.DataFrame(history)
 
 
@@ -156,13 +187,78 @@ def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Objectiv
     """Train a dictionary on `source` (a [N, D] tensor, or anything with .batch(step)); returns the history.
 
     Without `objective`, the dictionary's own `default_objective()` (TopK: FVU + AuxK; ReLU: MSE + L1; ...)."""
+    if not isinstance(sae, nn.Module):
+        raise ValueError(f"train_sae: sae must be a dictionary module (TopKSAE, ReLUSAE, BinaryAE ...), got {type(sae).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"train_sae: cfg must be a TrainConfig, got {type(cfg).__name__}")
+    d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
     if objective is None:
         if not hasattr(sae, "default_objective"):
             raise ValueError(f"{type(sae).__name__} has no default objective; pass objective=...")
         objective = sae.default_objective()
-    if isinstance(source, Tensor) or not hasattr(source, "batch"):
+        if hasattr(source, "batch") and not isinstance(source, Tensor):  # the default objective reads activations [N, d_in]
+            _check_activations("train_sae: source.batch(0)", source.batch(0), d_in, check_finite=False)
+    if isinstance(source, (Tensor, np.ndarray, _ShardedTable)):
+        _check_activations("train_sae: source", source, d_in)
         source = TensorSource(source, cfg.batch_size, cfg.seed)
+    elif not hasattr(source, "batch"):
+        raise ValueError(f"train_sae: source must be activations [N, D] (a float tensor, a numpy array or a harvested "
+                         f"cache[site]) or an object with .batch(step); got {type(source).__name__}")  # fmt: skip
     return train(sae, source, cfg, objective, callbacks, progress)
+
+
+def _check_activations(what: str, acts: Any, d_in: int | None, check_finite: bool = True) -> None:
+    """A float table [N, d_in] without NaN or inf (a harvested table is checked for shape and dtype only)."""
+    shape = list(getattr(acts, "shape", []))
+    dtype = acts.dtype if isinstance(acts, (Tensor, _ShardedTable)) else getattr(acts, "dtype", type(acts).__name__)
+    if isinstance(dtype, torch.dtype):
+        floating = dtype.is_floating_point
+    else:
+        floating = isinstance(dtype, np.dtype) and np.issubdtype(dtype, np.floating)
+    if not isinstance(acts, (Tensor, np.ndarray, _ShardedTable)) or len(shape) != 2 or not floating:
+        raise ValueError(f"{what} must be a 2-D float table [N, D] of activations; got {type(acts).__name__} "
+                         f"of shape {shape} and dtype {dtype}")  # fmt: skip
+    if d_in is not None and shape[1] != d_in:
+        raise ValueError(f"{what} has width {shape[1]} (shape {shape}) but the dictionary has d_in={d_in}; "
+                         f"pass activations [N, {d_in}] or build the dictionary with d_in={shape[1]}")  # fmt: skip
+    if check_finite and not isinstance(acts, _ShardedTable):
+        bad = ~torch.isfinite(torch.as_tensor(acts)).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()
+            raise ValueError(f"{what} has non-finite values (NaN or inf) in {len(rows)} row(s) (first: row {int(rows[0])}); "
+                             f"training needs finite activations: drop or fix those rows")  # fmt: skip
+
+
+def _check_train_args(module: Any, source: Any, cfg: Any, objective: Any, callbacks: Any, progress: Any) -> None:
+    if not isinstance(module, nn.Module) or not any(True for _ in module.parameters()):
+        raise ValueError(f"train: module must be a torch nn.Module with parameters, got {type(module).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"train: cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if not callable(getattr(source, "batch", None)):
+        raise ValueError(f"train: source must have a .batch(step) method, got {type(source).__name__}")
+    if not callable(objective):
+        raise ValueError(f"train: objective must be callable (batch -> (loss, logs)), got {type(objective).__name__}")
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) or not all(callable(c) for c in callbacks):
+        raise ValueError(f"train: callbacks must be a list of functions (step, row) -> None, got {callbacks!r:.80}")
+    check_bool("train", "progress", progress)
+
+
+def data_fingerprint(source: Any) -> dict:
+    """What a resume checks the data against: the source's kind and length and a hash of batch 0's bytes."""
+    batch = source.batch(0)
+    parts = batch if isinstance(batch, tuple) else (batch,)
+    digest, shapes = hashlib.sha256(), []
+    for t in parts:
+        if isinstance(t, Tensor):
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            shapes.append(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
+        else:
+            digest.update(repr(t).encode())
+            shapes.append(type(t).__name__)
+    rows = getattr(source, "acts", None)
+    return {"source": type(source).__name__, "rows": len(rows) if rows is not None else None,
+            "batch_0": " ".join(shapes), "batch_0_sha256": digest.hexdigest()[:16]}  # fmt: skip
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -195,7 +291,7 @@ def _optimizer(module: nn.Module, objective: Any, base_lr: float, cfg: TrainConf
 # ----------------------------------------------------------------------------- checkpoints
 
 # fields that may differ between a run and the one it resumes: how long it runs and how often it logs or saves
-_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "checkpoint_dir"}
+_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "checkpoint_dir", "resume"}
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> pathlib.Path | None:
@@ -208,8 +304,6 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> pathlib.Path | None:
 def _configs(module: nn.Module, objective: Any, cfg: TrainConfig) -> dict:
     """Everything a resume must agree on: the module's class and config, the objective's class and hyperparameters,
     and the training config (JSON round-tripped, so a loaded one compares equal)."""
-    import json
-
     module_cfg = module.config_dict() if hasattr(module, "config_dict") else None
     objective_cfg = objective.config_dict() if hasattr(objective, "config_dict") else None
     train_cfg = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _RESUMABLE_CHANGES}
@@ -218,7 +312,7 @@ def _configs(module: nn.Module, objective: Any, cfg: TrainConfig) -> dict:
 
 
 def save_checkpoint(ckpt_dir: pathlib.Path, step: int, module: nn.Module, opt: torch.optim.Optimizer, objective: Any,
-                    history: list[dict], cfg: TrainConfig, smooth: float | None = None) -> pathlib.Path:  # fmt: skip
+                    history: list[dict], cfg: TrainConfig, smooth: float | None = None, data: dict | None = None) -> pathlib.Path:  # fmt: skip
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -229,34 +323,49 @@ def save_checkpoint(ckpt_dir: pathlib.Path, step: int, module: nn.Module, opt: t
     if hasattr(objective, "state_dict"):
         save_tensors(tmp / "objective.safetensors", objective.state_dict())
     save_json(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta, "history": history, "smooth_loss": smooth,
-                                           "config": asdict(cfg), **_configs(module, objective, cfg)})  # fmt: skip
+                                           "config": asdict(cfg), **_configs(module, objective, cfg), "data": data})  # fmt: skip
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # a directory rename is atomic: the checkpoint appears whole or not at all
     return final
 
 
 def load_checkpoint(path: pathlib.Path, module: nn.Module, opt: torch.optim.Optimizer, objective: Any,
-                    cfg: TrainConfig) -> tuple[int, list[dict], float | None]:  # fmt: skip
+                    cfg: TrainConfig, data: dict | None = None) -> tuple[int, list[dict], float | None]:  # fmt: skip
+    """Restore a checkpoint into module, optimizer and objective after checking it belongs to this run: the same
+    module, objective and training config, and (unless cfg.resume == "must") the same data fingerprint."""
     state = load_json(path / "trainer_state.json")
+    if isinstance(state.get("step"), bool) or not isinstance(state.get("step"), int) or not isinstance(state.get("history"), list) \
+            or not isinstance(state.get("optimizer"), dict):  # fmt: skip
+        raise ValueError(f"{path}/trainer_state.json: not a checkpoint of this loop (needs an int step, a history list "
+                         f"and the optimizer's groups)")  # fmt: skip
     ours = _configs(module, objective, cfg)
+    # a checkpoint written before data fingerprints existed has none to compare
+    if data is not None and state.get("data") is not None and cfg.resume != "must":
+        ours["data"] = json.loads(json.dumps(data))
     for key, want in ours.items():
         have = state.get(key)
         if have != want:
             both = isinstance(have, dict) and isinstance(want, dict)
             differ = ", ".join(sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))) if both else ""
+            advice = ("Pass TrainConfig(resume='must') to continue this run on the new data, use another checkpoint_dir, "
+                      "or delete this one to start afresh") if key == "data" else "Use another checkpoint_dir, or delete this one to start afresh"  # fmt: skip
             raise ValueError(f"{path} holds another run: its {key.replace('_', ' ')} is {have}, this run's is {want}"
-                             + (f" (differs in: {differ})" if differ else "")
-                             + ". Use another checkpoint_dir, or delete this one to start afresh")  # fmt: skip
+                             + (f" (differs in: {differ})" if differ else "") + f". {advice}")  # fmt: skip
     tensors = load_tensors(path / "dictionary.safetensors")
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         raise ValueError(f"{path}: checkpoint tensors {got} do not match the module's {expected}")
     module.load_state_dict(tensors)
-    opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
+    try:
+        opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}/optimizer.safetensors: the optimizer state does not fit this module's parameters: {e}") from None
     if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
         objective.load_state_dict(load_tensors(path / "objective.safetensors"))
-    return int(state["step"]), list(state["history"]), state.get("smooth_loss")
+    return state["step"], list(state["history"]), state.get("smooth_loss")
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

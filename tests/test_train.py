@@ -131,7 +131,7 @@ def test_callbacks_and_bad_input():
     bad[3, 3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         train_sae(TopKSAE(TopKConfig(32, 64, 3)), bad, TrainConfig(steps=20, batch_size=1024), progress=False)
-    with pytest.raises(ValueError, match="need steps > 0"):
+    with pytest.raises(ValueError, match="steps must be > 0"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="checkpoint_every needs a checkpoint_dir"):
         TrainConfig(steps=5, checkpoint_every=2)

@@ -108,8 +108,9 @@ def test_live_curves_draw_at_total_and_accept_bare_dicts():
     assert curves.n_draws == 1
     curves({"loss": 1.0})  # step 3 == total
     assert curves.n_draws == 2 and list(curves.fig.data[1].x) == [1, 2, 3]
-    with pytest.raises(ValueError, match="curves\\(step, row\\)"):
-        curves(4)
+    with pytest.warns(RuntimeWarning, match="curves\\(step, row\\)"):
+        curves(4)  # never raises into a training loop: noted and skipped
+    assert "curves(step, row)" in curves.notes[-1] and "curves(step, row)" in curves.status.value and curves.n_calls == 3
 
 
 def test_live_curves_new_metrics_add_subplots_and_missing_values_are_gaps():

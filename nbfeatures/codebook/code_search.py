@@ -9,6 +9,7 @@ Dimension key: B sequences, T positions, N tokens (flattened), G groups, K codes
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,12 +18,36 @@ import torch
 from torch import Tensor
 
 from .model import CodebookModel
+from .search import check_int
 from ..harvest import token_batches
+
+
+def _check_codes(codes: Any, n_codes: int, lead: tuple[int, ...] | None = None) -> None:
+    """codes: an integer tensor [B, T, (G,) K] with ids in [0, n_codes)."""
+    check_int("n_codes", n_codes, 1)
+    if not isinstance(codes, Tensor) or codes.is_floating_point() or codes.dtype == torch.bool or codes.dim() not in (3, 4):
+        raise ValueError(f"codes must be an integer tensor [B, T, K] or [B, T, G, K], got "
+                         f"{getattr(codes, 'dtype', type(codes).__name__)} {list(getattr(codes, 'shape', []))}")  # fmt: skip
+    if lead is not None and tuple(codes.shape[:2]) != tuple(lead):
+        raise ValueError(f"codes [B, T, ...] = {list(codes.shape)} must match the targets/labels [B, T] = {list(lead)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= n_codes):
+        raise ValueError(f"codes must lie in [0, n_codes={n_codes}), got {int(codes.min())}..{int(codes.max())}")
+
+
+def _check_acts(acts_ND: Any) -> None:
+    if not isinstance(acts_ND, Tensor) or not acts_ND.is_floating_point() or acts_ND.dim() < 2 or not len(acts_ND):
+        raise ValueError(f"acts must be a float tensor [N, D] (or [N, ...]), got {getattr(acts_ND, 'dtype', type(acts_ND).__name__)} "
+                         f"{list(getattr(acts_ND, 'shape', []))}")  # fmt: skip
+    if not bool(torch.isfinite(acts_ND).all()):
+        raise ValueError(f"acts hold {int((~torch.isfinite(acts_ND)).sum())} non-finite values (NaN or inf); only finite activations can be thresholded")
 
 
 @torch.no_grad()
 def collect_codes(cb: CodebookModel, tokens: Tensor, batch_size: int = 64) -> dict[str, Tensor]:
     """Codes chosen at every site for every token: site -> [B, T, (G,) K]."""
+    if not isinstance(cb, CodebookModel):
+        raise TypeError(f"collect_codes takes a CodebookModel, got {type(cb).__name__}")
+    check_int("batch_size", batch_size, 1)
     out: dict[str, list[Tensor]] = {s: [] for s in cb.sites}
     for batch in token_batches(tokens, batch_size):
         run = cb.run(batch["input_ids"])
@@ -69,7 +94,12 @@ def regex_targets(texts: Sequence[Sequence[str]], pattern: str) -> Tensor:
     `texts[b]` is sequence b's tokens as strings; they are joined without separators, so write the
     pattern against the concatenated text (e.g. TokFSM states as digit pairs: r"(?:\\d\\d)*?(4)0").
     """
-    rx = re.compile(pattern)
+    if isinstance(texts, str) or not len(texts) or not all(isinstance(t, (list, tuple)) and all(isinstance(x, str) for x in t) for t in texts):
+        raise ValueError("texts must be a non-empty list of sequences, each a list of token strings")
+    try:
+        rx = re.compile(pattern)
+    except (re.error, TypeError) as err:
+        raise ValueError(f"pattern {pattern!r} is not a regular expression: {err}") from err
     T = max(len(t) for t in texts)
     out = torch.zeros(len(texts), T, dtype=torch.bool)
     for b, toks in enumerate(texts):
@@ -88,6 +118,10 @@ def regex_targets(texts: Sequence[Sequence[str]], pattern: str) -> Tensor:
 
 def rank_codes(codes: Tensor, target: Tensor, n_codes: int, min_count: int = 1) -> pd.DataFrame:
     """Codes ranked by precision then recall as detectors of `target` [B, T] (codes [B, T, (G,) K])."""
+    if not isinstance(target, Tensor) or target.dim() != 2:
+        raise ValueError(f"target must be a bool tensor [B, T], got {getattr(target, 'dtype', type(target).__name__)} {list(getattr(target, 'shape', []))}")
+    _check_codes(codes, n_codes, tuple(target.shape))
+    check_int("min_count", min_count, 0)
     B, T = target.shape
     grouped = codes.dim() == 4
     c = codes.reshape(B * T, -1 if not grouped else codes.shape[2], codes.shape[-1]) if grouped else codes.reshape(B * T, 1, -1)
@@ -113,12 +147,15 @@ def best_code_per_label(codes: Tensor, labels: Tensor, n_codes: int, n_labels: i
     `codes` [B, T, (G,) K], `labels` long [B, T] with -1 where no label holds. One pass for all labels:
     hits[label, code] by bincount; precision = hits / fires(code), recall = hits / count(label).
     """
-    if labels.shape != codes.shape[:2] or labels.is_floating_point():
+    _check_codes(codes, n_codes)
+    if not isinstance(labels, Tensor) or labels.shape != codes.shape[:2] or labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor of shape {list(codes.shape[:2])} (-1: no label), "
                          f"got {labels.dtype} {list(labels.shape)}")
-    L = int(labels.max()) + 1 if n_labels is None else n_labels
+    L = int(labels.max()) + 1 if n_labels is None else check_int("n_labels", n_labels, 1)
     if L <= 0:
         raise ValueError("labels holds no label (all -1)")
+    if int(labels.min()) < -1 or int(labels.max()) >= L:
+        raise ValueError(f"labels must lie in [0, n_labels={L}) or be -1 (no label), got {int(labels.min())}..{int(labels.max())}")
     N = labels.numel()
     c = codes.reshape(N, -1, codes.shape[-1]) if codes.dim() == 4 else codes.reshape(N, 1, -1)
     G = c.shape[1]
@@ -145,16 +182,17 @@ class NeuronBaseline:
     so each target costs a quantile over its positives and a binary search per neuron, not a pass over N x D."""
 
     def __init__(self, acts_ND: Tensor):
+        _check_acts(acts_ND)
         self.acts = acts_ND.float().reshape(len(acts_ND), -1)
         self.sorted_DN = self.acts.t().sort(dim=1).values.contiguous()
 
     def __call__(self, target_N: Tensor, recall: float) -> pd.DataFrame:
         """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first."""
-        t = target_N.bool().reshape(-1)
+        t = torch.as_tensor(target_N).bool().reshape(-1)
         if len(t) != len(self.acts):
             raise ValueError(f"target has {len(t)} entries for {len(self.acts)} rows of activations")
-        if not 0 < recall <= 1:
-            raise ValueError(f"recall must lie in (0, 1], got {recall}")
+        if isinstance(recall, bool) or not isinstance(recall, numbers.Real) or not 0 < recall <= 1:
+            raise ValueError(f"recall must lie in (0, 1], got {recall!r}")
         if not t.any():
             raise ValueError("no target positions: the concept never occurs in these tokens")
         N, rows = len(t), []
@@ -175,9 +213,12 @@ def neuron_precision_at_recall(acts_ND: Tensor, target_N: Tensor, recall: float)
     """Each neuron (and its negation) thresholded to fire on `recall` of the targets: precision, best first.
 
     One pass over the activations; for many targets over the same activations use NeuronBaseline."""
-    t = target_N.bool().reshape(-1)
-    if not 0 < recall <= 1:
-        raise ValueError(f"recall must lie in (0, 1], got {recall}")
+    _check_acts(acts_ND)
+    t = torch.as_tensor(target_N).bool().reshape(-1)
+    if len(t) != len(acts_ND):
+        raise ValueError(f"target has {len(t)} entries for {len(acts_ND)} rows of activations")
+    if isinstance(recall, bool) or not isinstance(recall, numbers.Real) or not 0 < recall <= 1:
+        raise ValueError(f"recall must lie in (0, 1], got {recall!r}")
     if not t.any():
         raise ValueError("no target positions: the concept never occurs in these tokens")
     rows = []

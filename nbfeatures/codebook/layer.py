@@ -17,6 +17,7 @@ Dimension key: N tokens, G groups (heads), E width per group, C codes, K codes c
 
 from __future__ import annotations
 
+import numbers
 import os
 import pathlib
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
-from .search import IVFConfig, IVFIndex, version_of, build_ivf, exact_topk, ivf_topk
+from .search import IVFConfig, IVFIndex, build_ivf, check_int, exact_topk, ivf_topk, version_of
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,13 @@ class CodebookConfig:
     reduce: Literal["sum", "mean"] = "sum"  # the paper sums the k codes; the reference code averages them
 
     def __post_init__(self):
+        for name in ("d_in", "n_codes", "k", "n_groups"):
+            check_int(f"CodebookConfig.{name}", getattr(self, name))
         if self.d_in <= 0 or self.n_codes <= 0 or self.n_groups <= 0:
             raise ValueError(f"need d_in, n_codes, n_groups > 0; got {self.d_in}, {self.n_codes}, {self.n_groups}")
         if not 0 < self.k <= self.n_codes:
             raise ValueError(f"need 0 < k <= n_codes, got k={self.k}, n_codes={self.n_codes}")
-        if self.reduce not in ("sum", "mean"):
+        if not isinstance(self.reduce, str) or self.reduce not in ("sum", "mean"):
             raise ValueError(f"reduce must be 'sum' or 'mean', got {self.reduce!r}")
 
 
@@ -68,6 +71,10 @@ class CodebookLayer(nn.Module):
     architecture = "nbfeatures.codebook"
 
     def __init__(self, cfg: CodebookConfig, seed: int | None = 0):
+        if not isinstance(cfg, CodebookConfig):
+            raise TypeError(f"CodebookLayer takes a CodebookConfig, got {type(cfg).__name__}")
+        if seed is not None:
+            check_int("seed", seed)
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -81,23 +88,63 @@ class CodebookLayer(nn.Module):
     @classmethod
     def from_saved(cls, config: dict, codebook: Tensor | None, where: str) -> CodebookLayer:
         """A layer in eval mode from its `config_dict()` and codebook tensor as saved; `where` names them in errors."""
-        layer = cls(CodebookConfig(**config), seed=None)
-        found = codebook if codebook is not None else torch.empty(0)
+        try:
+            layer = cls(CodebookConfig(**config), seed=None)
+        except (TypeError, ValueError) as err:  # not a dict, unknown or missing fields, bad values
+            raise ValueError(f"{where}: the saved config {config!r} is not a CodebookConfig ({err})") from err
+        found = codebook if isinstance(codebook, Tensor) else torch.empty(0)
         if found.shape != layer.codebook.shape:
             raise ValueError(f"{where} missing or of shape {list(found.shape)}, expected {list(layer.codebook.shape)}")
+        if not found.is_floating_point() or not bool(torch.isfinite(found).all()):
+            raise ValueError(f"{where} must hold finite floats, got {found.dtype} with {int((~torch.isfinite(found.float())).sum())} NaN/inf")
         with torch.no_grad():
             layer.codebook.copy_(found)
         return layer.eval()
 
+    def __repr__(self) -> str:  # names the layer in errors: its site when a CodebookModel holds it
+        c = self.cfg
+        where = f" at {self.site}" if getattr(self, "site", None) else ""
+        return f"CodebookLayer{where}(d_in={c.d_in}, n_codes={c.n_codes}, k={c.k}, n_groups={c.n_groups})"
+
     def _grouped(self, x: Tensor) -> Tensor:
-        """[..., G, E] (or [..., E] when G = 1) -> [N, G, E]."""
+        """[..., G, E] (or [..., E] when G = 1) -> [N, G, E]; a non-float or non-finite input is refused."""
         G, E = self.cfg.n_groups, self.cfg.d_in
         expected = (G, E) if G > 1 else (E,)
-        if tuple(x.shape[-len(expected):]) != expected:
-            raise ValueError(f"CodebookLayer: input ends in {list(x.shape[-len(expected):])} (shape {list(x.shape)}), expected {list(expected)}")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self!r}: input must be a float tensor [..., {', '.join(map(str, expected))}], got {type(x).__name__}")
+        if x.dim() < len(expected) or tuple(x.shape[-len(expected):]) != expected:
+            raise ValueError(f"{self!r}: input ends in {list(x.shape[-len(expected):])} (shape {list(x.shape)}), expected {list(expected)}")
         if not x.is_floating_point():
-            raise ValueError(f"CodebookLayer: input dtype {x.dtype} is not floating point")
+            raise ValueError(f"{self!r}: input dtype {x.dtype} is not floating point")
+        if not bool(torch.isfinite(x).all()):  # NaN would pick code 0 everywhere, silently
+            raise ValueError(f"{self!r}: input holds {int((~torch.isfinite(x)).sum())} non-finite values (NaN or inf) "
+                             f"of {x.numel()}; only finite activations can be quantised")  # fmt: skip
         return x.reshape(-1, G, E)
+
+    def _check_ids(self, ids: Tensor, n_tokens: int) -> Tensor:
+        """Forced ids [..., (G,) K]: integers in [0, n_codes), k per token (per group)."""
+        c = self.cfg
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{self!r}: ids must be an integer tensor [..., {'G, ' if c.n_groups > 1 else ''}K={c.k}], "
+                             f"got {getattr(ids, 'dtype', type(ids).__name__)}")  # fmt: skip
+        if ids.numel() != n_tokens * c.n_groups * c.k:
+            raise ValueError(f"{self!r}: ids of shape {list(ids.shape)} do not give k={c.k} codes per token"
+                             f"{f' and group (n_groups={c.n_groups})' if c.n_groups > 1 else ''} for {n_tokens} tokens")  # fmt: skip
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.n_codes):
+            raise ValueError(f"{self!r}: ids must lie in [0, n_codes={c.n_codes}), got {int(ids.min())}..{int(ids.max())}")
+        return ids
+
+    def _check_exclude(self, exclude: Tensor) -> Tensor:
+        """exclude [G, C] bool, leaving at least k codes per group to choose from."""
+        c = self.cfg
+        if not isinstance(exclude, Tensor) or exclude.dtype != torch.bool or tuple(exclude.shape) != (c.n_groups, c.n_codes):
+            raise ValueError(f"{self!r}: exclude must be a bool tensor [n_groups, n_codes] = {[c.n_groups, c.n_codes]}, got "
+                             f"{getattr(exclude, 'dtype', type(exclude).__name__)} {list(getattr(exclude, 'shape', []))}")  # fmt: skip
+        left = int((~exclude).sum(1).min())
+        if left < c.k:
+            raise ValueError(f"{self!r}: exclude leaves {left} codes in some group, fewer than k={c.k}; "
+                             f"at most n_codes - k = {c.n_codes - c.k} codes may be excluded")  # fmt: skip
+        return exclude
 
     def snap(self, xn_NGE: Tensor, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Cosine top-k: (ids [N, G, K], sims [N, G, K]); codes marked in `exclude_GC` cannot be chosen.
@@ -133,11 +180,16 @@ class CodebookLayer(nn.Module):
 
     def forward(self, x: Tensor, ids: Tensor | None = None, exclude: Tensor | None = None) -> CodebookOutput:
         """Quantise x; `ids` [..., (G,) K] forces those codes, `exclude` [G, C] bars codes from being chosen."""
+        grouped = self._grouped(x)
         lead = x.shape[:-2] if self.cfg.n_groups > 1 else x.shape[:-1]
-        xn = F.layer_norm(self._grouped(x).float(), (self.cfg.d_in,))
+        if exclude is not None:
+            self._check_exclude(exclude)
+        if ids is not None:
+            self._check_ids(ids, len(grouped))
+        xn = F.layer_norm(grouped.float(), (self.cfg.d_in,))
         near_ids, sims = self.snap(xn.detach(), exclude)
         if ids is not None:
-            ids = ids.reshape(near_ids.shape[0], self.cfg.n_groups, -1).to(near_ids.device)
+            ids = ids.long().reshape(near_ids.shape[0], self.cfg.n_groups, -1).to(near_ids.device)
             sims = torch.einsum("nge,ngke->ngk", F.normalize(xn.detach(), dim=-1), F.normalize(self._codes_at(ids), dim=-1))
         else:
             ids = near_ids
@@ -162,6 +214,9 @@ class CodebookLayer(nn.Module):
     def replace_dead_codes_(self, noise: float = 0.01, seed: int = 0) -> int:
         """Re-seed the codes that never fired since the last call from recent inputs (+ relative noise); returns
         how many. Training objectives call it every few steps (`CodebookObjective(replace_after=...)`)."""
+        if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < float("inf"):
+            raise ValueError(f"noise must be a finite number >= 0 (relative noise on re-seeded codes), got {noise!r}")
+        check_int("seed", seed)
         replaced = 0
         if self._recent is not None:
             gen = torch.Generator(device=self.codebook.device).manual_seed(seed)
@@ -178,6 +233,7 @@ class CodebookLayer(nn.Module):
     @torch.no_grad()
     def init_kmeans_(self, x: Tensor, iters: int = 20, seed: int = 0) -> None:
         """Initialise each codebook with k-means centroids of normalised activations x [..., (G,) E]."""
+        check_int("iters", iters, 0), check_int("seed", seed)
         xn = F.layer_norm(self._grouped(x).float(), (self.cfg.d_in,))
         gen = torch.Generator().manual_seed(seed)
         for g in range(self.cfg.n_groups):
@@ -215,6 +271,10 @@ def codebook_mse(out: CodebookOutput) -> Tensor:
 
 def save_codebook_layer(layer: CodebookLayer, folder: str | os.PathLike, **meta: Any) -> None:
     """codebook.safetensors + codebook.json (the config and `meta`, e.g. the site it was fitted at), the folder atomically."""
+    if not isinstance(layer, CodebookLayer):
+        raise TypeError(f"save_codebook_layer saves a CodebookLayer, got {type(layer).__name__}")
+    if "config" in meta:
+        raise ValueError("save_codebook_layer: 'config' is reserved for the layer's own config; name the metadata otherwise")
     with atomic_folder(folder) as tmp:
         save_tensors(tmp / "codebook.safetensors", {"codebook": layer.codebook})
         save_json(tmp / "codebook.json", {"config": layer.config_dict(), **meta})

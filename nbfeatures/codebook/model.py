@@ -14,6 +14,8 @@ Dimension key: B sequences, T positions, G groups (heads), K codes per token, C 
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import pathlib
 from dataclasses import asdict, dataclass
@@ -27,7 +29,25 @@ from .. import sites, zoo
 from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from ..edits import Positions, Splice
 from .layer import CodebookLayer, codebook_mse
-from .search import IVFConfig
+from .search import IVFConfig, check_int
+
+
+def _check_target(kind: str, site: Any, layer: Any) -> None:
+    if not isinstance(site, str):
+        raise TypeError(f"{kind}: site must be a site name (str), got {type(site).__name__} {site!r}")
+    if not isinstance(layer, CodebookLayer):
+        raise TypeError(f"{kind} at {site}: layer must be the CodebookLayer at that site (cb.layer(site)), got {type(layer).__name__}")
+
+
+def _code_tuple(kind: str, site: str, codes: Any, n_codes: int) -> tuple[int, ...]:
+    """codes as a tuple of ints in [0, n_codes); a bare int, floats, bools and negative ids are refused."""
+    if isinstance(codes, Tensor):
+        codes = codes.tolist() if codes.dim() == 1 and not (codes.is_floating_point() or codes.dtype == torch.bool) else codes
+    if not isinstance(codes, (tuple, list)) or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in codes):
+        raise TypeError(f"{kind} at {site}: codes must be a tuple of ints in [0, n_codes={n_codes}), e.g. (7,); got {codes!r}")
+    if not all(0 <= c < n_codes for c in codes):
+        raise ValueError(f"{kind} at {site}: codes must lie in [0, {n_codes}) (n_codes={n_codes}; -1 does not mean the last code), got {list(codes)}")
+    return tuple(int(c) for c in codes)
 
 
 @dataclass(frozen=True)
@@ -42,13 +62,15 @@ class ForceCodes:
     group: int | None = None  # grouped codebooks: force in this head only (None: every head)
 
     def __post_init__(self):
+        _check_target("ForceCodes", self.site, self.layer)
         k, n = self.layer.cfg.k, self.layer.cfg.n_codes
-        if self.mode not in ("all", "last"):
+        if not isinstance(self.mode, str) or self.mode not in ("all", "last"):
             raise ValueError(f"mode must be 'all' or 'last', got {self.mode!r}")
-        if not all(0 <= c < n for c in self.codes):
-            raise ValueError(f"codes must lie in [0, {n}), got {list(self.codes)}")
+        object.__setattr__(self, "codes", _code_tuple("ForceCodes", self.site, self.codes, n))
         if (self.mode == "all" and len(self.codes) != k) or not 0 < len(self.codes) <= k:
             raise ValueError(f"mode {self.mode!r} with k={k} takes {'exactly k' if self.mode == 'all' else '1..k'} codes, got {len(self.codes)}")
+        if self.group is not None:
+            check_int("ForceCodes: group", self.group)
         if self.group is not None and not 0 <= self.group < self.layer.cfg.n_groups:
             raise ValueError(f"group must lie in [0, {self.layer.cfg.n_groups}), got {self.group}")
 
@@ -75,9 +97,11 @@ class PatchCodes:
     positions: Positions = None
 
     def __post_init__(self):
+        _check_target("PatchCodes", self.site, self.layer)
         c = self.layer.cfg
         want = (c.n_groups, c.k) if c.n_groups > 1 else (c.k,)
-        if not isinstance(self.codes, Tensor) or self.codes.is_floating_point() or tuple(self.codes.shape[1:]) != want:
+        if (not isinstance(self.codes, Tensor) or self.codes.is_floating_point() or self.codes.is_complex()
+                or self.codes.dtype == torch.bool or tuple(self.codes.shape[1:]) != want):  # fmt: skip
             raise ValueError(f"PatchCodes at {self.site}: codes must be an integer tensor [B, {', '.join(map(str, want))}], "
                              f"got {getattr(self.codes, 'dtype', type(self.codes).__name__)} {list(getattr(self.codes, 'shape', []))}")
         if self.codes.numel() and not (0 <= int(self.codes.min()) and int(self.codes.max()) < c.n_codes):
@@ -101,6 +125,14 @@ class BlockCodes:
     codes: tuple[int, ...]
     positions: Positions = None
 
+    def __post_init__(self):
+        _check_target("BlockCodes", self.site, self.layer)
+        k, n = self.layer.cfg.k, self.layer.cfg.n_codes
+        object.__setattr__(self, "codes", _code_tuple("BlockCodes", self.site, self.codes, n))
+        if len(set(self.codes)) > n - k:  # top-k needs k codes left; with none, code 0 would come back silently
+            raise ValueError(f"BlockCodes at {self.site}: blocking {len(set(self.codes))} of n_codes={n} codes leaves fewer "
+                             f"than k={k} to choose from; block at most n_codes - k = {n - k}")  # fmt: skip
+
     def apply(self, act: Tensor, mask_T: Tensor) -> tuple[Tensor, Any]:
         exclude = torch.zeros(self.layer.cfg.n_groups, self.layer.cfg.n_codes, dtype=torch.bool)
         exclude[:, list(self.codes)] = True
@@ -119,8 +151,12 @@ class CodebookModel(nn.Module):
 
     def __init__(self, model: sites.Model, layers: dict[str, CodebookLayer]):
         super().__init__()
-        for site in layers:
+        if not isinstance(layers, dict) or not layers:
+            raise TypeError(f"CodebookModel takes a non-empty dict site -> CodebookLayer, got {type(layers).__name__} {layers!r}"[:300])
+        for site, layer in layers.items():
+            _check_target("CodebookModel", site, layer)
             sites.resolve(model, site)
+            layer.site = site  # named in the layer's errors
         object.__setattr__(self, "model", model)  # not a submodule: its parameters get their own lr group
         self.codebooks = nn.ModuleDict({_key(s): layer for s, layer in layers.items()})
         self.sites = list(layers)
@@ -132,11 +168,21 @@ class CodebookModel(nn.Module):
         return self.codebooks[_key(site)]
 
     def edits(self, interventions: Sequence[Any] = ()) -> list[Any]:
+        if not isinstance(interventions, (list, tuple)):
+            raise TypeError(f"interventions must be a list of ForceCodes / PatchCodes / BlockCodes (or other edits at "
+                            f"codebook sites), got {type(interventions).__name__}; wrap one in a list")  # fmt: skip
         taken = {}
         for iv in interventions:
+            if not isinstance(getattr(iv, "site", None), str):
+                raise TypeError(f"each intervention needs a site name (ForceCodes, PatchCodes, BlockCodes, ...), got {iv!r}"[:300])
             if iv.site in taken:
                 raise ValueError(f"two interventions at {iv.site}; combine them into one")
-            self.layer(iv.site)
+            here = self.layer(iv.site)
+            if isinstance(iv, (ForceCodes, PatchCodes, BlockCodes)) and iv.layer is not here:
+                other = next((s for s in self.sites if self.layer(s) is iv.layer), None)
+                raise ValueError(f"{type(iv).__name__} at {iv.site} holds "
+                                 f"{f'the codebook of {other}' if other else 'a codebook this model does not hold'}, "
+                                 f"not the one at {iv.site}; pass cb.layer({iv.site!r})")  # fmt: skip
             taken[iv.site] = iv
         if not self.enabled:
             return list(interventions)
@@ -186,15 +232,19 @@ class CodebookModel(nn.Module):
 def load_codebook_model(name_or_folder: str | os.PathLike) -> CodebookModel:
     """A zoo codebook model by name (`nbf.zoo.codebook_models()`), or a folder written by CodebookModel.save.
 
-    The transformer goes through the zoo's checked loader, so missing or mis-shaped weights are refused."""
+    The transformer goes through the zoo's checked loader, so missing or mis-shaped weights are refused. A folder
+    without a tokenizer still loads (codebook models are often run on token ids); text inputs then say so."""
     folder = zoo.path(name_or_folder) if str(name_or_folder) in zoo.codebook_models() else pathlib.Path(name_or_folder).expanduser()
     if not (folder / "codebooks.json").is_file():
         raise ValueError(f"{folder} holds no codebooks.json: not a codebook model folder (zoo codebook models: {zoo.codebook_models()})")
     cfg = load_json(folder / "codebooks.json")
     if cfg.get("format") != "nbfeatures.codebook_model":
         raise ValueError(f"{folder}/codebooks.json: not a codebook model (format {cfg.get('format')!r})")
+    if not isinstance(cfg.get("sites"), dict) or not cfg["sites"]:
+        raise ValueError(f"{folder}/codebooks.json: 'sites' must map each site name to its codebook config, got {cfg.get('sites')!r}")
     tensors = load_tensors(folder / "codebooks.safetensors")
-    model = zoo.load_model(folder)
+    hf, tokenizer = zoo.load_pretrained(folder)
+    model = sites.wrap(hf, tokenizer)
     layers = {site: CodebookLayer.from_saved(c, tensors.get(site), f"{folder}: codebook for {site}") for site, c in cfg["sites"].items()}
     return CodebookModel(model, layers)
 
@@ -209,6 +259,13 @@ class CodebookTrainConfig:
     replace_noise: float = 0.01  # relative noise on re-seeded codes
 
     def __post_init__(self):
+        for name in ("mse_coef", "model_lr_factor", "replace_noise"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"CodebookTrainConfig.{name} must be a finite number >= 0, got {type(v).__name__} {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"CodebookTrainConfig.{name} must be a finite number >= 0, got {v}")
+        check_int("CodebookTrainConfig.replace_after", self.replace_after, 0)
         if not (self.mse_coef >= 0 and self.model_lr_factor >= 0 and self.replace_after >= 0 and self.replace_noise >= 0):
             raise ValueError(f"CodebookTrainConfig fields must all be >= 0; got {self}")
 

@@ -9,12 +9,25 @@ Dimension key: N tokens, G groups (heads), E width per group, C codes, K codes c
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def check_int(what: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """`value` itself when it is an integer in [lo, hi]; else a TypeError / ValueError naming `what` and the range.
+
+    bool is refused (True would silently mean 1), and so is a float even when whole (2.0 is a sign of a mix-up)."""
+    allowed = f"an integer{f' >= {lo}' if lo is not None and hi is None else ''}{f' in [{lo}, {hi}]' if lo is not None and hi is not None else ''}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be {allowed}; got {type(value).__name__} {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{what} must be {allowed}; got {value}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,8 @@ class IVFConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("n_lists", "n_probe", "iters", "seed"):
+            check_int(f"IVFConfig.{name}", getattr(self, name))
         if self.n_lists < 0 or self.n_probe <= 0 or self.iters < 0:
             raise ValueError(f"IVFConfig needs n_lists >= 0, n_probe > 0, iters >= 0; got {self}")
 
@@ -41,9 +56,14 @@ class IVFIndex(NamedTuple):
 
 def build_ivf(codebook_GCE: Tensor, n_lists: int, iters: int = 10, seed: int = 0) -> IVFIndex:
     """Cluster each group's unit codes into `n_lists` lists (spherical k-means seeded from random codes)."""
+    if not isinstance(codebook_GCE, Tensor) or codebook_GCE.dim() != 3 or not codebook_GCE.is_floating_point():
+        raise ValueError(f"build_ivf: codebook must be a float tensor [G, C, E], got {getattr(codebook_GCE, 'dtype', type(codebook_GCE).__name__)} "
+                         f"{list(getattr(codebook_GCE, 'shape', []))}")  # fmt: skip
     G, C, E = codebook_GCE.shape
+    check_int("n_lists", n_lists)
     if not 0 < n_lists <= C:
         raise ValueError(f"n_lists must be in 1..n_codes={C}, got {n_lists}")
+    check_int("iters", iters, 0), check_int("seed", seed)
     cn = F.normalize(codebook_GCE.detach().float(), dim=-1)
     gen = torch.Generator().manual_seed(seed)
     cents = torch.stack([cn[g, torch.randperm(C, generator=gen)[:n_lists].to(cn.device)] for g in range(G)])  # [G, L, E]
@@ -67,8 +87,14 @@ def version_of(t: Tensor) -> tuple[int, int]:
 def exact_topk(q_GNE: Tensor, cn_GCE: Tensor, k: int, exclude_GC: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k cosine (sims, ids) [G, N, K] of unit queries against unit codes, in token chunks whose [G, n, C]
     score block stays in cache, 4 MB (the full [G, N, C] matrix is memory-bound to write and read)."""
+    if q_GNE.dim() != 3 or cn_GCE.dim() != 3 or q_GNE.shape[0] != cn_GCE.shape[0] or q_GNE.shape[2] != cn_GCE.shape[2]:
+        raise ValueError(f"exact_topk: queries [G, N, E] and codes [G, C, E] must agree in G and E; got {list(q_GNE.shape)} "
+                         f"and {list(cn_GCE.shape)}")  # fmt: skip
     G, N, _ = q_GNE.shape
     C = cn_GCE.shape[1]
+    check_int("k", k, 1, C)
+    if exclude_GC is not None and (exclude_GC.shape != (G, C) or exclude_GC.dtype != torch.bool):
+        raise ValueError(f"exclude must be a bool tensor [G, C] = {[G, C]}, got {exclude_GC.dtype} {list(exclude_GC.shape)}")
     step = max(32, (1 << 20) // max(1, G * C))
     sims = torch.empty(G, N, k, device=q_GNE.device)
     ids = torch.empty(G, N, k, dtype=torch.long, device=q_GNE.device)
@@ -83,6 +109,7 @@ def exact_topk(q_GNE: Tensor, cn_GCE: Tensor, k: int, exclude_GC: Tensor | None 
 
 def topk_last(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """`s.topk(k, dim=-1)` (values, indices); for k = 1 through the faster `argmax_last`."""
+    check_int("k", k, 1, s.shape[-1])
     return argmax_last(s) if k == 1 else s.topk(k, dim=-1)
 
 
@@ -93,6 +120,9 @@ def argmax_last(s: Tensor) -> tuple[Tensor, Tensor]:
     a matrix-vector product: w = clamp(s - max + 1e-30, 0) is 1e-30 at the maxima and 0 elsewhere (any other
     float32 entry sits at least one ulp below), so w @ arange gives the index and w.sum() the count. Rows with a
     tie or no finite entry go through torch.max itself, so the result always equals it."""
+    if not isinstance(s, Tensor) or not s.is_floating_point() or s.dim() == 0 or s.shape[-1] == 0:
+        raise ValueError(f"argmax_last takes a float tensor with a non-empty last dimension, got "
+                         f"{getattr(s, 'dtype', type(s).__name__)} {list(getattr(s, 'shape', []))}")  # fmt: skip
     m = s.amax(-1, keepdim=True)
     w = (s - m).add_(1e-30).clamp_(min=0)
     C = s.shape[-1]
@@ -110,6 +140,7 @@ def ivf_topk(index: IVFIndex, q_GNE: Tensor, k: int, n_probe: int, exclude_GC: T
     list and each list scores its own tokens against its own codes in one matmul, whatever the loads are. Rows
     marked unsure (fewer than k finite candidates, e.g. all probed codes excluded) must be searched exactly."""
     G, N, E = q_GNE.shape
+    check_int("k", k, 1), check_int("n_probe", n_probe, 1)
     L = index.centroids.shape[1]
     P = min(n_probe, L)
     dev = q_GNE.device

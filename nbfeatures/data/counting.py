@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import as_ids, as_int
+
 SPECIAL = "<s>"  # BOS, EOS and PAD
 
 
@@ -32,6 +34,8 @@ class Counting:
     max_count: int = 9  # counts are written as one digit token
 
     def __post_init__(self):
+        for name in ("n_letters", "n_distinct", "max_count"):
+            as_int(name, getattr(self, name), 1)
         if not 1 <= self.n_letters <= 26:
             raise ValueError(f"n_letters must be in [1, 26], got {self.n_letters}")
         if not 1 <= self.n_distinct <= self.n_letters:
@@ -66,6 +70,10 @@ class Counting:
         return self.n_letters + 2
 
     def digit_id(self, d) -> Tensor | int:
+        """The token id of digit d (an int or an integer tensor of digits 0..9)."""
+        lo, hi = (int(d.min()), int(d.max())) if isinstance(d, Tensor) and d.numel() else (d, d) if isinstance(d, int) else (0, 0)
+        if not 0 <= lo <= hi <= 9:
+            raise ValueError(f"d must be a digit in [0, 9], got {d!r:.40}")
         return d + self.n_letters + 3
 
     @property
@@ -76,6 +84,7 @@ class Counting:
     # ------------------------------------------------------------- sampling
     def sample(self, n: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """(ids [n, seq_len] right-padded, colon position [n], count [n]); ids end with the count and EOS."""
+        n, seed = as_int("n", n, 1), as_int("seed", seed, 0)
         rng = np.random.default_rng(seed)
         ids = torch.full((n, self.seq_len), self.special_id, dtype=torch.long)
         colon, count = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
@@ -93,7 +102,7 @@ class Counting:
     # ------------------------------------------------------------- reading sequences
     def text(self, ids) -> str:
         """One sequence as text, padding and EOS dropped: '<s>abbacb|b:3'."""
-        ids = [int(t) for t in ids]
+        ids = self._ids(ids)
         end = next((i for i, t in enumerate(ids[1:], 1) if t == self.special_id), len(ids))
         return "".join(self.vocab[t] for t in ids[:end])
 
@@ -101,9 +110,10 @@ class Counting:
         """The parts of a well-formed sequence ({'letters', 'target', 'count', 'true_count', 'colon'}), else None.
 
         `count` is the digit written after ':' (None if absent); `true_count` counts the target in the letters.
+        Ids outside the vocabulary make a sequence ill-formed (None), as a model with a padded vocabulary may emit them.
         """
-        ids = [int(t) for t in ids]
-        if not ids or ids[0] != self.special_id:
+        ids = self._ids(ids, checked=False)
+        if not ids or ids[0] != self.special_id or not all(0 <= t < self.vocab_size for t in ids):
             return None
         end = next((i for i, t in enumerate(ids[1:], 1) if t == self.special_id), len(ids))
         body = ids[1:end]
@@ -118,6 +128,12 @@ class Counting:
         digit = tail[2] - self.digit_id(0) if len(tail) > 2 and tail[2] >= self.digit_id(0) else None
         return {"letters": "".join(self.vocab[t] for t in letters), "target": self.vocab[tail[0]],
                 "count": digit, "true_count": letters.count(tail[0]), "colon": bar + 3}  # fmt: skip
+
+    def _ids(self, ids, checked: bool = True) -> list[int]:
+        t = as_ids("ids", ids, self.vocab_size if checked else None)
+        if t.dim() != 1:
+            raise ValueError(f"ids must be one sequence [T], got shape {list(t.shape)}")
+        return t.tolist()
 
     def tokenizer(self):
         """A PreTrainedTokenizerFast: one token per character, BOS prepended, decode joins characters."""
@@ -137,8 +153,13 @@ class Counting:
 def count_accuracy(logits_fn, task: Counting | None = None, n: int = 512, seed: int = 1) -> float:
     """Fraction of sampled inputs whose argmax at ':' is the right count digit; logits_fn: ids [B, T] -> [B, T, V]."""
     task = task or Counting()
+    if not isinstance(task, Counting):
+        raise TypeError(f"task must be a Counting (or None for the default), got {type(task).__name__}")
     ids, colon, count = task.sample(n, seed=seed)
     with torch.no_grad():
-        logits = logits_fn(ids)
+        logits = torch.as_tensor(logits_fn(ids))
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape) or logits.shape[-1] < task.vocab_size:
+        raise ValueError(f"logits_fn must map ids [B, T] = {list(ids.shape)} to logits [B, T, V] with V >= "
+                         f"{task.vocab_size}; got {list(logits.shape)}")
     pred = logits[torch.arange(n), colon].argmax(-1)
     return float((pred == task.digit_id(count)).float().mean())

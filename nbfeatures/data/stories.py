@@ -23,6 +23,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from ._checks import as_ids, as_int
+
 SPECIAL, UNK = "<|endoftext|>", "<unk>"  # SPECIAL is BOS, EOS and PAD
 
 MONTHS = "January February March April May June July August September October November December".split()
@@ -214,8 +216,9 @@ class StoryCorpus:
     max_middle: int = 5
 
     def __post_init__(self):
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        as_int("min_middle", self.min_middle, 1), as_int("max_middle", self.max_middle, 1)
         if not 1 <= self.min_middle <= self.max_middle <= len(MIDDLES):
             raise ValueError(f"need 1 <= min_middle <= max_middle <= {len(MIDDLES)}, got {self.min_middle}, {self.max_middle}")
 
@@ -223,6 +226,7 @@ class StoryCorpus:
     concepts = CONCEPTS
 
     def story(self, i: int) -> Story:
+        i = as_int("i", i, 0)
         rng = random.Random(self.seed * 1_000_003 + i)
         topic = rng.choice(self.topics)
         gender = rng.choice("fm")
@@ -262,6 +266,8 @@ class StoryCorpus:
         return out
 
     def generate(self, n: int, start: int = 0) -> list[Story]:
+        """Stories start .. start + n - 1."""
+        n, start = as_int("n", n, 1), as_int("start", start, 0)
         return [self.story(i) for i in range(start, start + n)]
 
     # ------------------------------------------------------------ tokens and labels
@@ -275,13 +281,18 @@ class StoryCorpus:
 
     def encode(self, stories: list[Story]) -> list[list[int]]:
         """Token ids with BOS and EOS (the same special token) around each story."""
+        if isinstance(stories, Story) or any(not isinstance(s, Story) for s in stories):
+            raise TypeError("stories must be a list of Story objects (from generate or story); "
+                            f"got {type(stories).__name__} {stories!r:.60}")
         index = {w: i for i, w in enumerate(self.vocab)}
         unk = index[UNK]
         return [[0, *(index.get(w, unk) for w in s.words), 0] for s in stories]
 
     def concept_labels(self, ids_BT: Tensor) -> dict[str, Tensor]:
         """For token ids [B, T] (any source), a bool [B, T] mask per concept in `concepts`."""
-        ids_BT = torch.as_tensor(ids_BT, dtype=torch.long)
+        ids_BT = as_ids("ids_BT", ids_BT, len(self.vocab))
+        if ids_BT.dim() != 2:
+            raise ValueError(f"ids_BT must be [B, T] token ids, got shape {list(ids_BT.shape)}")
         table_CV = _concept_table()
         labels = {c: table_CV[k][ids_BT] for k, c in enumerate(CONCEPTS) if c != "repeated_name"}
         # A name is repeated when the same token occurred earlier in the same story (stories split at SPECIAL).
@@ -302,12 +313,18 @@ class StoryCorpus:
 
     def topic_ids(self, ids_BT: Tensor) -> Tensor:
         """Long [B]: the topic with the most topic words in each row (ties to the lowest index), -1 if none."""
-        topic_BT = self.token_topics[torch.as_tensor(ids_BT, dtype=torch.long)]
+        ids_BT = as_ids("ids_BT", ids_BT, len(self.vocab))
+        if ids_BT.dim() < 1:
+            raise ValueError("ids_BT must be [B, T] (or [T]) token ids, got a single number")
+        topic_BT = self.token_topics[ids_BT]
         counts_BK = torch.stack([(topic_BT == k).sum(-1) for k in range(len(self.topics))], -1)
         return torch.where(counts_BK.sum(-1) > 0, counts_BK.argmax(-1), -1)
 
     def topic_prompt(self, topic: int, seed: int = 0) -> str:
         """An opening sentence that names the topic, e.g. 'Mia was a little girl who loved the sea .'"""
+        topic = as_int("topic", topic, 0)
+        if topic >= len(self.topics):
+            raise ValueError(f"topic must be an index in [0, {len(self.topics)}) into {self.topics}, got {topic}")
         rng = random.Random(seed)
         gender = rng.choice("fm")
         slots = PRONOUNS[gender] | {"name": rng.choice(NAMES_F if gender == "f" else NAMES_M), "friend": ""}
@@ -396,6 +413,10 @@ def story_tokenizer():
 
 def story_windows(seed: int, n_stories: int, n_ctx: int = 128) -> Tensor:
     """Stories of StoryCorpus(seed) packed into one stream (BOS between them) and cut into [N, n_ctx] windows."""
+    n_stories, n_ctx = as_int("n_stories", n_stories, 1), as_int("n_ctx", n_ctx, 1)
     corpus = StoryCorpus(seed=seed)
     stream = torch.tensor([t for ids in corpus.encode(corpus.generate(n_stories)) for t in ids[:-1]])
+    if len(stream) < n_ctx:
+        raise ValueError(f"{n_stories} stories make {len(stream)} tokens, fewer than one window of n_ctx={n_ctx}; "
+                         "ask for more stories or a shorter n_ctx")
     return stream[: len(stream) // n_ctx * n_ctx].view(-1, n_ctx)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import as_ids, as_int
+
 SPECIAL = "<|endoftext|>"  # one token serves as BOS, EOS and PAD, as in the paper's tokenizer
 N_DIGITS = 10  # token ids 0..9 are the digits '0'..'9'; the special token is id 10
 
@@ -39,6 +41,8 @@ class TokFSM:
     adjacency: np.ndarray = field(init=False, repr=False, compare=False)  # bool [N_S, N_S]: a -> b is an edge
 
     def __post_init__(self):
+        for name in ("n_states", "n_edges", "seed", "n_transitions", "seq_len"):
+            as_int(name, getattr(self, name), 0)
         if not 2 <= self.n_states <= 10_000:
             raise ValueError(f"n_states must be in [2, 10000], got {self.n_states}")
         if not 1 <= self.n_edges <= self.n_states:
@@ -69,6 +73,7 @@ class TokFSM:
 
     def sample_states(self, n: int, seed: int = 0) -> np.ndarray:
         """Int [n, n_transitions + 1]: trajectories from uniform start states."""
+        n, seed = as_int("n", n, 1), as_int("seed", seed, 0)
         rng = np.random.default_rng(seed)
         states = np.empty((n, self.n_transitions + 1), dtype=np.int64)
         states[:, 0] = rng.integers(self.n_states, size=n)
@@ -79,15 +84,14 @@ class TokFSM:
 
     def sample(self, n: int, seed: int = 0) -> Tensor:
         """LongTensor [n, seq_len]: BOS followed by the digits of a sampled trajectory."""
+        n = as_int("n", n, 1)
         digits = self.encode(self.sample_states(n, seed))
         bos = torch.full((n, 1), self.special_id, dtype=torch.long)
         return torch.cat([bos, digits], dim=1)[:, : self.seq_len]
 
     def encode(self, states) -> Tensor:
         """States [..., S] -> digit token ids [..., S * digits] (no BOS)."""
-        states = torch.as_tensor(np.asarray(states), dtype=torch.long)
-        if states.numel() and (states.min() < 0 or states.max() >= self.n_states):
-            raise ValueError(f"states must be in [0, {self.n_states}), got min {states.min()}, max {states.max()}")
+        states = as_ids("states", states, self.n_states)
         powers = 10 ** torch.arange(self.digits - 1, -1, -1)
         return (states[..., None] // powers % 10).flatten(-2)
 
@@ -96,7 +100,9 @@ class TokFSM:
 
         A state containing a non-digit token decodes to -1.
         """
-        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        tokens = as_ids("tokens", tokens, None)  # any integer: a state holding a non-digit decodes to -1
+        if tokens.dim() == 0:
+            raise ValueError("tokens must be [..., T] token ids, got a single number")
         if tokens.shape[-1] and bool((tokens[..., 0] == self.special_id).all()):
             tokens = tokens[..., 1:]
         n_full = tokens.shape[-1] // self.digits
@@ -115,6 +121,9 @@ class TokFSM:
 
     def text(self, tokens) -> str:
         """One sequence of token ids as the string the tokenizer reads, e.g. '<|endoftext|>0512'."""
+        tokens = as_ids("tokens", tokens, self.vocab_size)
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be one sequence [T], got shape {list(tokens.shape)}")
         return "".join(SPECIAL if t == self.special_id else str(int(t)) for t in tokens)
 
     def tokenizer(self):
@@ -182,13 +191,21 @@ class eval_mode:
             self.module.train(self.was_training)
 
 
+def _fsm(fsm) -> TokFSM:
+    if fsm is None:
+        return TokFSM()
+    if not isinstance(fsm, TokFSM):
+        raise TypeError(f"fsm must be a TokFSM (or None for the paper's), got {type(fsm).__name__}")
+    return fsm
+
+
 def first_transition_accuracy(model, fsm: TokFSM | None = None) -> float:
     """Mean over states of |top-E of the model's next-state distribution ∩ true out-edges| / E.
 
     For state s the model reads BOS + digits(s); p(next = ab) = p(a | BOS s) · p(b | BOS s a), over the full
     vocabulary softmax, exactly as codebook-features' `fsm_utils.first_transition_accuracy` (2-digit FSMs).
     """
-    fsm = fsm or TokFSM()
+    fsm = _fsm(fsm)
     if fsm.digits != 2:
         raise ValueError(f"first_transition_accuracy is defined for 2-digit FSMs, got digits={fsm.digits}")
     run = as_logits_fn(model)
@@ -216,9 +233,10 @@ def transition_accuracy(
     invalid, and so is any transition touching it. The model must be causal: all rows advance together,
     each reading its logits at its own position, so tokens to the right of it must not matter.
     """
-    fsm = fsm or TokFSM()
-    if new_states < 1 or temperature <= 0:
-        raise ValueError(f"need new_states >= 1 and temperature > 0, got {new_states}, {temperature}")
+    fsm = _fsm(fsm)
+    n, new_states, seed = as_int("n", n, 1), as_int("new_states", new_states, 1), as_int("seed", seed, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     max_prefix = (fsm.seq_len - 1) // fsm.digits - new_states
     if max_prefix < 1:
         raise ValueError(f"new_states={new_states} leaves no room for a prefix in seq_len={fsm.seq_len}")

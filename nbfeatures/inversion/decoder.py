@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
+from ..harvest import check_int
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,22 @@ class DecoderConfig:
     conditioning: str = "prefix"  # "prefix": one extra key/value slot per layer; "cross": a cross-attention sublayer
 
     def __post_init__(self):
-        object.__setattr__(self, "sites", tuple(self.sites))
-        if not self.sites or len(set(self.sites)) != len(self.sites):
+        sites = self.sites
+        if isinstance(sites, (str, bytes)) or not hasattr(sites, "__iter__"):
+            raise ValueError(f"DecoderConfig: sites must be a non-empty list of distinct site names, got {sites!r}")
+        object.__setattr__(self, "sites", tuple(sites))
+        if not self.sites or len(set(self.sites)) != len(self.sites) or not all(isinstance(s, str) and s for s in self.sites):
             raise ValueError(f"sites must be a non-empty list of distinct names, got {list(self.sites)}")
         if self.conditioning not in ("prefix", "cross"):
             raise ValueError(f"conditioning must be 'prefix' or 'cross', got {self.conditioning!r}")
+        for name, minimum in (("vocab_size", 1), ("n_ctx", 2), ("d_act", 1), ("d_model", 1), ("n_layers", 1), ("n_heads", 1),
+                              ("n_act_blocks", 0), ("d_site", 1)):  # fmt: skip
+            object.__setattr__(self, name, check_int("DecoderConfig", name, getattr(self, name), minimum))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if min(self.vocab_size, self.n_ctx, self.d_act, self.n_layers, self.d_site) < 1 or self.n_ctx < 2:
-            raise ValueError("vocab_size, d_act, n_layers, d_site must be >= 1 and n_ctx >= 2")
-        for t in (self.bos_id, self.eos_id):
-            if t is not None and not 0 <= t < self.vocab_size:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        for name in ("bos_id", "eos_id"):
+            if name == "bos_id" or self.eos_id is not None:
+                object.__setattr__(self, name, check_int("DecoderConfig", name, getattr(self, name), 0, self.vocab_size - 1))
 
 
 class _Attention(nn.Module):

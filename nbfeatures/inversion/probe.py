@@ -11,9 +11,10 @@ Dimension key: B batch, T position, D activation width (zero-padded to the wides
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,33 @@ METRICS = ("euclidean", "cosine")
 _HEAD = re.compile(r"(.+\.attn\.hook_z)\.(\d+)")
 
 
+# ----------------------------------------------------------------------------- argument checks
+
+
+def check_int(what: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """`value` as an int when it is an integer in [lo, hi] (bool and float refused); else an error naming `what`."""
+    allowed = "an integer" + (f" >= {lo}" if lo is not None and hi is None else f" in {lo}..{hi}" if lo is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be {allowed}; got {type(value).__name__} {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{what} must be {allowed}; got {value}")
+    return int(value)
+
+
+def check_number(what: str, value: Any, lo: float | None = None, strict: bool = False) -> float:
+    """`value` as a float when it is a finite real number above lo (> lo when strict, else >=); else an error naming `what`."""
+    allowed = "a finite number" + ("" if lo is None else f" {'>' if strict else '>='} {lo}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be {allowed}; got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (lo is not None and (value <= lo if strict else value < lo)):
+        raise ValueError(f"{what} must be {allowed}; got {value}")
+    return float(value)
+
+
+def _shape(t: Any) -> str:
+    return f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
 # ----------------------------------------------------------------------------- distance
 
 
@@ -35,8 +63,16 @@ def distance(z_D: Tensor, acts_BTD: Tensor, mask_BT: Tensor | None = None, metri
     euclidean: ||a - z|| / ||z||;  cosine: 1 - cos(a, z). `mask_BT` marks the positions a candidate has.
     z is one query [D] for every row, or one query per row [B, D].
     """
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if not isinstance(z_D, Tensor) or not z_D.is_floating_point() or z_D.dim() not in (1, 2):
+        raise ValueError(f"z must be a float tensor [D] or [B, D], got {_shape(z_D)}")
+    if not isinstance(acts_BTD, Tensor) or not acts_BTD.is_floating_point() or acts_BTD.dim() != 3:
+        raise ValueError(f"acts must be a float tensor [B, T, D], got {_shape(acts_BTD)}")
+    if not bool(torch.isfinite(z_D).all()):
+        raise ValueError(f"z holds {int((~torch.isfinite(z_D)).sum())} non-finite values (NaN or inf); z must be finite")
+    if mask_BT is not None and (not isinstance(mask_BT, Tensor) or tuple(mask_BT.shape) != tuple(acts_BTD.shape[:2])):
+        raise ValueError(f"mask must be a bool tensor [B, T] = {list(acts_BTD.shape[:2])}, got {_shape(mask_BT)}")
     if acts_BTD.shape[-1] != z_D.shape[-1]:
         raise ValueError(f"z has width {z_D.shape[-1]} but the activations have width {acts_BTD.shape[-1]}")
     if z_D.dim() == 2 and len(z_D) != len(acts_BTD):
@@ -72,6 +108,8 @@ def default_sites(model: S.Model) -> list[str]:
 
 def read_sites(model: S.Model, ids_BT: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
     """Activations [B, T, D] at each site (head sites sliced out of hook_z) from one forward pass."""
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"names must be a list of site names (str), got {names!r}")
     base = {n: split_site(n) for n in names}
     for name, (site, head) in base.items():
         resolved = S.resolve(model, site)  # ValueError naming the valid sites
@@ -104,14 +142,27 @@ class FeatureSite:
     encode: Callable[[Tensor], Tensor]
     W_dec_FD: Tensor
 
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not isinstance(self.site, str):
+            raise TypeError(f"FeatureSite: name and site must be strings, got name={self.name!r}, site={self.site!r}")
+        if not callable(self.encode):
+            raise TypeError(f"FeatureSite {self.name!r}: encode must be callable (activations [..., D] -> latents [..., F]), got {type(self.encode).__name__}")
+        W = self.W_dec_FD
+        if not isinstance(W, Tensor) or not W.is_floating_point() or W.dim() != 2 or 0 in W.shape:
+            raise ValueError(f"FeatureSite {self.name!r}: W_dec must be a non-empty float tensor [F, D], got {_shape(W)}")
+
     @classmethod
     def from_sae(cls, sae: torch.nn.Module, site: str, name: str | None = None) -> FeatureSite:
         """Any SAE with encode(x) -> [..., F] and W_dec [F, D] (TopK, ReLU, binary)."""
+        if not callable(getattr(sae, "encode", None)) or not isinstance(getattr(sae, "W_dec", None), Tensor):
+            raise TypeError(f"FeatureSite.from_sae takes an SAE with encode(x) and W_dec [F, D] (TopK, ReLU, binary), got {type(sae).__name__}")
         return cls(name or f"{site}:sae", site, sae.encode, sae.W_dec.detach().float())
 
     @classmethod
     def from_codebook(cls, layer: torch.nn.Module, site: str, name: str | None = None) -> FeatureSite:
         """A single-group codebook reading `site`: latent i counts how often code i is chosen (k codes per token)."""
+        if not isinstance(getattr(getattr(layer, "cfg", None), "n_groups", None), int) or not isinstance(getattr(layer, "codebook", None), Tensor):
+            raise TypeError(f"FeatureSite.from_codebook takes a CodebookLayer, got {type(layer).__name__}")
         if layer.cfg.n_groups != 1:
             raise ValueError(f"FeatureSite.from_codebook takes a single-group codebook, got n_groups={layer.cfg.n_groups}")
         return cls(name or f"{site}:codebook", site, lambda x: layer(x).latents, layer.codebook.detach()[0].float())
@@ -126,17 +177,31 @@ class FeatureSite:
 
     def restrict(self, acts_BTD: Tensor, latent_B: Tensor) -> Tensor:
         """a_i(x_t) W_dec[i] [B, T, D] for each row's latent i."""
+        self.check_latents(latent_B, len(acts_BTD))
         lat_BTF = self.latents(acts_BTD)
         a_BT = lat_BTF.gather(-1, latent_B[:, None, None].expand(-1, lat_BTF.shape[1], 1))[..., 0]
         return a_BT[..., None] * self.W_dec_FD[latent_B][:, None, :]
 
 
+    def check_latents(self, latent_B: Any, n: int) -> None:
+        """latent_B: an integer tensor [n] of latents in [0, F)."""
+        F_ = len(self.W_dec_FD)
+        if (not isinstance(latent_B, Tensor) or latent_B.is_floating_point() or latent_B.dtype == torch.bool
+                or tuple(latent_B.shape) != (n,)):  # fmt: skip
+            raise ValueError(f"feature site {self.name!r}: latents must be an integer tensor [{n}] (one per row), got {_shape(latent_B)}")
+        if n and (int(latent_B.min()) < 0 or int(latent_B.max()) >= F_):
+            raise ValueError(f"feature site {self.name!r}: latents must lie in 0..{F_ - 1}, got {int(latent_B.min())}..{int(latent_B.max())}")
+
+
 def site_name(site: str | FeatureSite) -> str:
+    if not isinstance(site, (str, FeatureSite)):
+        raise TypeError(f"site must be a site name (str) or a FeatureSite, got {type(site).__name__} {site!r}")
     return site if isinstance(site, str) else site.name
 
 
 def site_acts(model: S.Model, ids_BT: Tensor, site: str | FeatureSite, latent_B: Tensor | None = None) -> Tensor:
     """Activations [B, T, D] at a site; at a feature site, restricted to each row's latent."""
+    site_name(site)
     if isinstance(site, str):
         return read_sites(model, ids_BT, [site])[site]
     if latent_B is None:
@@ -159,6 +224,19 @@ class PairSource:
     query_mask: Callable[[Tensor], Tensor] | None = None
     eos_id: int | None = None
 
+    def __post_init__(self):
+        if isinstance(self.sites, (str, FeatureSite)) or not isinstance(self.sites, Sequence) or not self.sites:
+            raise TypeError(f"PairSource: sites must be a non-empty list of site names and FeatureSites, got {self.sites!r}")
+        names = [site_name(s) for s in self.sites]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PairSource: site names must be distinct, got {names}")
+        if not callable(self.inputs):
+            raise TypeError(f"PairSource: inputs must be a callable (n, seed) -> token ids [n, T], got {type(self.inputs).__name__}")
+        if self.query_mask is not None and not callable(self.query_mask):
+            raise TypeError(f"PairSource: query_mask must be None or a callable ids -> bool [n, T], got {type(self.query_mask).__name__}")
+        if self.eos_id is not None:
+            check_int("PairSource: eos_id", self.eos_id, 0)
+
     @property
     def names(self) -> list[str]:
         return [site_name(s) for s in self.sites]
@@ -172,13 +250,20 @@ class PairSource:
 
     def pairs(self, n: int, seed: int, site_weights: Tensor | None = None, site: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """`batch` plus the latent each row of a feature site was restricted to [n] (-1 at plain sites)."""
+        check_int("n", n, 1), check_int("seed", seed)
+        if site is not None:
+            check_int("site", site)
         if site is not None and not 0 <= site < len(self.sites):
             raise ValueError(f"site index {site} is outside 0..{len(self.sites) - 1}")
         ids_BT = self.inputs(n, seed)
+        if not isinstance(ids_BT, Tensor) or ids_BT.is_floating_point() or ids_BT.dtype == torch.bool or ids_BT.dim() != 2 or len(ids_BT) != n:
+            raise ValueError(f"PairSource: inputs({n}, seed) must return integer token ids [{n}, T], got {_shape(ids_BT)}")
         gen = torch.Generator().manual_seed(seed)
         wanted = self.sites if site is None else [self.sites[site]]
         acts = read_sites(self.model, ids_BT, sorted({s if isinstance(s, str) else s.site for s in wanted}))
         mask_BT = self.query_mask(ids_BT) if self.query_mask else real_positions(ids_BT, self.eos_id)
+        if not isinstance(mask_BT, Tensor) or mask_BT.dtype != torch.bool or mask_BT.shape != ids_BT.shape:
+            raise ValueError(f"PairSource: query_mask(ids) must return a bool tensor of the ids' shape {list(ids_BT.shape)}, got {_shape(mask_BT)}")
         mask_BT = mask_BT.clone()
         mask_BT[:, 0] &= self.query_mask is not None  # BOS carries no information; only a custom mask may ask for it
         if not bool(mask_BT.any(1).all()):
@@ -187,9 +272,12 @@ class PairSource:
         if site is not None:
             site_B = torch.full((n,), site, dtype=torch.long)
         elif site_weights is not None:
-            w = torch.as_tensor(site_weights, dtype=torch.float)
-            if w.shape != (len(self.sites),) or not bool((w >= 0).all()) or not w.sum() > 0:
-                raise ValueError(f"site_weights must be {len(self.sites)} non-negative numbers, not all zero; got {w.tolist()}")
+            try:
+                w = torch.as_tensor(site_weights, dtype=torch.float)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise ValueError(f"site_weights must be {len(self.sites)} non-negative numbers, finite and not all zero; got {site_weights!r}") from err
+            if w.shape != (len(self.sites),) or not bool((w >= 0).all() & torch.isfinite(w).all()) or not w.sum() > 0:
+                raise ValueError(f"site_weights must be {len(self.sites)} non-negative numbers, finite and not all zero; got {w.tolist()}")
             site_B = torch.multinomial(w, n, replacement=True, generator=gen)
         else:
             site_B = torch.randint(len(self.sites), (n,), generator=gen)
@@ -215,6 +303,8 @@ class PairSource:
 
 def real_positions(ids_BT: Tensor, eos_id: int | None) -> Tensor:
     """Bool [B, T]: positions before the first EOS after BOS (all positions when eos_id is None)."""
+    if not isinstance(ids_BT, Tensor) or ids_BT.dim() != 2:
+        raise ValueError(f"ids must be token ids [B, T], got {_shape(ids_BT)}")
     if eos_id is None:
         return torch.ones_like(ids_BT, dtype=torch.bool)
     is_eos = ids_BT == eos_id

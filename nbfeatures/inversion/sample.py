@@ -9,6 +9,7 @@ Dimension key: B batch, T position, D activation width.
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .. import sites as S
 from .decoder import InversionDecoder
-from .probe import FeatureSite, distance, real_positions, site_acts, site_name
+from .probe import METRICS, FeatureSite, _shape, check_int, check_number, distance, real_positions, site_acts, site_name
 
 
 class InversionSamples(NamedTuple):
@@ -37,9 +38,45 @@ class InversionSamples(NamedTuple):
         return float(self.inside.float().mean()) if len(self.inside) else 0.0
 
 
+def _query_ids(model: S.Model, query: Tensor, decoder: InversionDecoder | None = None) -> Tensor:
+    """One query's token ids [T]: integers in the vocabulary, not empty, not batched, within the decoder's context."""
+    if isinstance(query, str):
+        raise TypeError(f"query must be token ids [T] (an integer tensor or list of ints), not a string; encode it first: {query!r}")
+    try:
+        ids = torch.as_tensor(query)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"query must be token ids [T] (an integer tensor or list of ints), got {type(query).__name__}") from err
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"query must be integer token ids [T], got dtype {ids.dtype}")
+    if ids.dim() > 1 and (ids.dim() > 2 or len(ids) != 1):
+        raise ValueError(f"query must be one input [T] (or [1, T]), got shape {list(ids.shape)}; sample one query at a time")
+    ids = ids.reshape(-1)
+    if not len(ids):
+        raise ValueError("query is empty; give at least one token (BOS first)")
+    vocab = S.limits(model)[0] if decoder is None else min(S.limits(model)[0] or decoder.cfg.vocab_size, decoder.cfg.vocab_size)
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"query token id {bad} is outside the vocabulary: allowed are 0..{vocab - 1}")
+    if decoder is not None and len(ids) > decoder.cfg.n_ctx:
+        raise ValueError(f"query has {len(ids)} tokens, longer than the decoder's context n_ctx={decoder.cfg.n_ctx}; "
+                         f"the decoder writes inputs of at most that length")  # fmt: skip
+    return ids
+
+
+def _check_decoder(decoder: InversionDecoder) -> None:
+    if not isinstance(decoder, InversionDecoder):
+        raise TypeError(f"decoder must be an InversionDecoder, got {type(decoder).__name__}")
+
+
 def query_activation(model: S.Model, ids_T: Tensor, site: str | FeatureSite, position: int, latent: int | None = None) -> Tensor:
     """The activation z [D] of a query input at a site and position (at a feature site: restricted to `latent`)."""
-    ids_T = torch.as_tensor(ids_T).reshape(-1)
+    site_name(site)
+    ids_T = _query_ids(model, ids_T)
+    check_int("position", position)
+    if latent is not None:
+        if not isinstance(site, FeatureSite):
+            raise ValueError(f"latent is for feature sites; {site!r} is a plain site")
+        check_int("latent", latent, 0, len(site.W_dec_FD) - 1)
     if not -len(ids_T) <= position < len(ids_T):
         raise ValueError(f"position {position} is outside the query input of {len(ids_T)} tokens; allowed 0..{len(ids_T) - 1}")
     return site_acts(model, ids_T[None], site, None if latent is None else torch.tensor([latent]))[0, position]
@@ -47,6 +84,8 @@ def query_activation(model: S.Model, ids_T: Tensor, site: str | FeatureSite, pos
 
 def strongest_latent(model: S.Model, ids_T: Tensor, site: FeatureSite, position: int) -> int:
     """The latent of a feature site that fires most at (query, position)."""
+    if not isinstance(site, FeatureSite):
+        raise TypeError(f"strongest_latent needs a FeatureSite (FeatureSite.from_sae / from_codebook), got {type(site).__name__} {site!r}")
     a_D = query_activation(model, ids_T, site.site, position)
     return int(site.latents(a_D[None, None])[0, 0].argmax())
 
@@ -55,8 +94,11 @@ def strongest_latent(model: S.Model, ids_T: Tensor, site: FeatureSite, position:
 def generate(decoder: InversionDecoder, z_D: Tensor, site: str, n: int, temperature: float = 1.0,
              generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
     """n inputs [n, n_ctx] drawn from p(x | z, site), BOS first, padded with EOS (or BOS) after the end."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_decoder(decoder)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be > 0 (and finite), got {temperature!r}")
+    check_int("n", n, 1)
+    _check_z(z_D)
     z_BD = decoder.pad(z_D.reshape(1, -1)).expand(n, -1)
     return _generate(decoder, z_BD, torch.full((n,), decoder.site_index(site), dtype=torch.long), temperature, generator)
 
@@ -79,9 +121,28 @@ def _generate(decoder: InversionDecoder, z_BD: Tensor, site_B: Tensor, temperatu
     return ids
 
 
+def _check_z(z: Tensor) -> Tensor:
+    """z: one finite float activation [D] (or [1, D])."""
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise ValueError(f"z must be a float tensor [D] (one activation), got {_shape(z)}")
+    if z.dim() > 1 and (z.dim() > 2 or len(z) != 1):
+        raise ValueError(f"z must be one activation [D] (or [1, D]), got shape {list(z.shape)}; sample one z at a time")
+    if not z.numel() or not bool(torch.isfinite(z).all()):
+        raise ValueError(f"z must be a non-empty finite activation; it holds {int((~torch.isfinite(z)).sum())} NaN/inf of {z.numel()}")
+    return z.reshape(-1)
+
+
 @torch.no_grad()
 def token_logprobs(decoder: InversionDecoder, ids_BT: Tensor, z_D: Tensor, site: str) -> Tensor:
     """log p(token_t | tokens_<t, z) [B, T] (0 at BOS)."""
+    _check_decoder(decoder)
+    cfg = decoder.cfg
+    if not isinstance(ids_BT, Tensor) or ids_BT.is_floating_point() or ids_BT.dtype == torch.bool or ids_BT.dim() != 2 or not ids_BT.numel():
+        raise ValueError(f"ids must be non-empty integer token ids [B, T], got {_shape(ids_BT)}")
+    if int(ids_BT.min()) < 0 or int(ids_BT.max()) >= cfg.vocab_size or ids_BT.shape[1] > cfg.n_ctx:
+        raise ValueError(f"ids must lie in 0..{cfg.vocab_size - 1} with at most n_ctx={cfg.n_ctx} positions; got "
+                         f"{int(ids_BT.min())}..{int(ids_BT.max())} over {ids_BT.shape[1]} positions")  # fmt: skip
+    _check_z(z_D)
     site_B = torch.full((len(ids_BT),), decoder.site_index(site), dtype=torch.long)
     logp = decoder(ids_BT, decoder.pad(z_D.reshape(1, -1)).expand(len(ids_BT), -1), site_B).log_softmax(-1)
     return F.pad(logp[:, :-1].gather(-1, ids_BT[:, 1:, None])[..., 0], (1, 0))
@@ -97,12 +158,20 @@ def sample(decoder: InversionDecoder, model: S.Model, site: str | FeatureSite, *
     `position`; with z given, say which latent it is) and candidates are measured on that latent.
     noise > 0 adds Gaussian noise of std noise * std(z) to z for each temperature's draw (the reference's eta).
     """
+    _check_decoder(decoder)
     name = site_name(site)
     decoder.site_index(name)
     if (z is None) == (query is None):
         raise ValueError("pass either query (token ids) with position, or z (an activation)")
     if query is not None and position is None:
         raise ValueError("a query needs a position")
+    temperatures = _check_sampling(temperatures, n_per_temperature, noise, metric, seed)
+    check_number("epsilon", epsilon, 0, strict=True)
+    if query is not None:
+        query = _query_ids(model, query, decoder)
+        check_int("position", position)
+    if latent is not None:
+        check_int("latent", latent)
     if isinstance(site, FeatureSite):
         if latent is None and z is not None:
             raise ValueError(f"feature site {name!r}: with z given, pass the latent it is restricted to")
@@ -117,7 +186,7 @@ def sample(decoder: InversionDecoder, model: S.Model, site: str | FeatureSite, *
         z = query_activation(model, query, site, position, latent)
         if latent is not None and not z.norm() > 0:
             raise ValueError(f"latent {latent} does not fire at position {position} of the query; pick a position where it does")
-    z = torch.as_tensor(z).float().reshape(-1)
+    z = _check_z(z).float()
     bos = torch.tensor([[decoder.cfg.bos_id]])
     z_bos = site_acts(model, bos, site, one)[0, 0]
     if z.shape[-1] != z_bos.shape[-1]:
@@ -147,6 +216,22 @@ def sample(decoder: InversionDecoder, model: S.Model, site: str | FeatureSite, *
     )  # fmt: skip
 
 
+def _check_sampling(temperatures: Sequence[float], n_per_temperature: int, noise: float, metric: str, seed: int) -> list[float]:
+    """The sampling arguments shared by `sample` and `panel_callables`; returns the temperatures as a list."""
+    temps = temperatures.tolist() if hasattr(temperatures, "tolist") else temperatures  # numpy / torch arrays too
+    if isinstance(temps, (str, bytes)) or not isinstance(temps, Sequence) or not len(temps):
+        raise ValueError(f"temperatures must be a non-empty sequence of numbers > 0, e.g. (0.5, 1.0, 2.0); got {temperatures!r}")
+    for t in temps:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t < float("inf"):
+            raise ValueError(f"temperatures must all be finite numbers > 0, got {list(temps)}")
+    check_int("n_per_temperature", n_per_temperature, 1)
+    check_number("noise", noise, 0)
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_int("seed", seed)
+    return [float(t) for t in temps]
+
+
 def feature_query(W_dec_FD: Tensor, index: int, scale: float, b_dec_D: Tensor | None = None) -> Tensor:
     """z for "inputs where this feature fires like this": scale * W_dec[index] (+ b_dec).
 
@@ -155,8 +240,14 @@ def feature_query(W_dec_FD: Tensor, index: int, scale: float, b_dec_D: Tensor | 
     [C, D] and the code (scale 1). A decoder trained only on plain sites has never seen such a z (measured on
     TokFSM: its samples fire the latent no more often than random walks), so train it with the feature site.
     """
+    if not isinstance(W_dec_FD, Tensor) or not W_dec_FD.is_floating_point() or W_dec_FD.dim() != 2:
+        raise ValueError(f"W_dec must be a float tensor [F, D] (one row per feature), got {_shape(W_dec_FD)}")
+    check_int("index", index)
     if not 0 <= index < W_dec_FD.shape[0]:
         raise ValueError(f"feature index {index} is outside 0..{W_dec_FD.shape[0] - 1}")
+    check_number("scale", scale)
+    if b_dec_D is not None and (not isinstance(b_dec_D, Tensor) or tuple(b_dec_D.shape) != (W_dec_FD.shape[1],)):
+        raise ValueError(f"b_dec must be None or a tensor [D] = [{W_dec_FD.shape[1]}], got {_shape(b_dec_D)}")
     z = scale * W_dec_FD[index].detach().float()
     return z + b_dec_D.detach().float() if b_dec_D is not None else z
 
@@ -168,12 +259,26 @@ def panel_callables(decoder: InversionDecoder, model: S.Model, vocab: Sequence[s
     Each call draws fresh samples (call i uses seed + i), so pressing Sample again shows new ones; the sequence of
     draws is reproducible from `seed`.
     """
+    _check_decoder(decoder)
+    _check_sampling((1.0,), n_per_temperature, noise, metric, seed)
+    if isinstance(vocab, str) or not isinstance(vocab, Sequence) or not len(vocab):
+        raise TypeError(f"vocab must be a non-empty list of token strings (id -> string), got {type(vocab).__name__}")
+    if not callable(encode):
+        raise TypeError(f"encode must be a callable text -> token ids, got {type(encode).__name__}")
     calls = itertools.count()
 
     def tokenize(text: str) -> list[str]:
-        return [vocab[t] for t in encode(text)]
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        ids = list(encode(text))
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < len(vocab))]
+        if bad:
+            raise ValueError(f"encode({text!r}) gave ids {bad[:5]} outside the vocab list (allowed 0..{len(vocab) - 1})")
+        return [vocab[t] for t in ids]
 
     def sample_fn(text: str, site: str, position: int, temperature: float) -> InversionSamples:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
         out = sample(decoder, model, site, query=torch.tensor(encode(text)), position=position, temperatures=(temperature,),
                      n_per_temperature=n_per_temperature, noise=noise, metric=metric, seed=seed + next(calls))  # fmt: skip
         return out._replace(tokens=[[vocab[t] for t in row] for row in out.tokens])

@@ -8,6 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ._checks import as_float, as_int, floats
+
 POS, NEG, BASE, STEER = "#1f77b4", "#d62728", "#7f7f7f", "#ff7f0e"
 
 
@@ -20,6 +22,8 @@ def unique_labels(tokens: Sequence[str], ids: Sequence[int] | None = None) -> li
     """Visible token labels, made unique with the token id where two decode alike (plotly merges equal categories)."""
     shown = [show_token(t) for t in tokens]
     ids = list(range(len(shown))) if ids is None else [int(i) for i in ids]
+    if len(ids) != len(shown):
+        raise ValueError(f"ids must have one entry per token ({len(shown)}), got {len(ids)}")
     seen: dict[str, int] = {}
     for s in shown:
         seen[s] = seen.get(s, 0) + 1
@@ -29,7 +33,9 @@ def unique_labels(tokens: Sequence[str], ids: Sequence[int] | None = None) -> li
 def activation_histogram(counts: Sequence[float], edges: Sequence[float], density: float | None = None,
                          title: str | None = None) -> go.Figure:
     """Histogram of a feature's nonzero activations; the title carries its density (fraction of tokens it fires on)."""
-    counts, edges = np.asarray(counts, dtype=np.float64), np.asarray(edges, dtype=np.float64)
+    counts, edges = floats("counts", counts), floats("edges", edges)
+    if density is not None:
+        density = as_float("density", density)
     if len(edges) != len(counts) + 1:
         raise ValueError(f"need len(edges) == len(counts) + 1, got {len(edges)} edges for {len(counts)} counts")
     head = title or "activations when firing"
@@ -46,6 +52,7 @@ def output_tokens_bar(pos_tokens: Sequence[str], pos_values: Sequence[float], ne
                       neg_values: Sequence[float], title: str = "output tokens (direction · W_U)") -> go.Figure:
     """Top negative (left) and positive (right) logit contributions of a feature's decoder direction."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("negative", "positive"), horizontal_spacing=0.25)
+    pos_values, neg_values = floats("pos_values", pos_values, len(pos_tokens)), floats("neg_values", neg_values, len(neg_tokens))
     for col, toks, vals, color in ((1, neg_tokens, neg_values, NEG), (2, pos_tokens, pos_values, POS)):
         labels = unique_labels(toks)
         fig.add_trace(go.Bar(x=np.asarray(vals, dtype=np.float64), y=labels, orientation="h", marker_color=color,
@@ -62,9 +69,11 @@ def output_tokens_bar(pos_tokens: Sequence[str], pos_values: Sequence[float], ne
 def next_token_bars(probs_before: Sequence[float], probs_after: Sequence[float], vocab: Sequence[str],
                     k: int = 10, names: tuple[str, str] = ("baseline", "steered")) -> go.Figure:
     """Next-token probabilities before and after an edit, over the k tokens most likely under either."""
+    k = as_int("k", k, 1)
     p0, p1 = np.asarray(probs_before, dtype=np.float64), np.asarray(probs_after, dtype=np.float64)
     if p0.shape != p1.shape or p0.ndim != 1 or len(p0) != len(vocab):
         raise ValueError(f"need two [V] probability vectors and a vocab of V strings; got {p0.shape}, {p1.shape}, V={len(vocab)}")
+    p0, p1 = floats("probs_before", p0), floats("probs_after", p1)
     top = np.argsort(-np.maximum(p0, p1), kind="stable")[:k]
     labels = unique_labels([vocab[i] for i in top], top)
     fig = go.Figure([go.Bar(x=labels, y=p0[top], name=names[0], marker_color=BASE),
@@ -81,8 +90,13 @@ def feature_overview(density: Sequence[float], max_act: Sequence[float], ids: Se
 
     The points carry their feature ids as customdata, so a click handler can select one.
     """
-    density, max_act = np.asarray(density, dtype=np.float64), np.asarray(max_act, dtype=np.float64)
+    density = floats("density", density, finite=False)
+    max_act = floats("max_act", max_act, len(density), finite=False)  # NaN: a feature with no value is not drawn
     ids = np.arange(len(density)) if ids is None else np.asarray(ids)
+    if ids.shape != density.shape:
+        raise ValueError(f"ids must have one entry per feature ({len(density)}), got shape {list(ids.shape)}")
+    if hover is not None and len(hover) != len(ids):
+        raise ValueError(f"hover must have one entry per feature ({len(ids)}), got {len(hover)}")
     logd = np.log10(density + 1e-10)  # SAELens's convention: dead features sit at -10
     text = [f"#{i}" + (f" {h}" if h else "") for i, h in zip(ids, hover if hover is not None else [""] * len(ids))]
     fig = go.Figure(go.Scattergl(x=logd, y=max_act, mode="markers", customdata=ids, text=text, name="features",

@@ -15,6 +15,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ._checks import as_int
+
 # Which subplot each known metric goes to; the names are the keys train_sae's objectives log.
 PANELS: dict[str, tuple[str, ...]] = {
     "loss": ("loss", "mse", "aux_loss", "l1", "kl", "cov", "entropy_bits"),
@@ -33,9 +35,11 @@ def ema(y: Sequence[float], smoothing: float, block: int = 64) -> np.ndarray:
     Vectorised in blocks: within a block the sums are one [block, block] matmul, and only the
     carry between blocks is a Python loop (len / block steps), which keeps a^-block finite.
     """
-    y = np.asarray(y, dtype=np.float64)
+    y = _column("y", y)
     if not 0 <= smoothing < 1:
         raise ValueError(f"smoothing must lie in [0, 1), got {smoothing}")
+    if not np.isfinite(y).all():
+        raise ValueError(f"y holds {int((~np.isfinite(y)).sum())} NaN or inf value(s); drop them before smoothing")
     if smoothing == 0 or len(y) == 0:
         return y.copy()
     a, n = float(smoothing), len(y)
@@ -81,16 +85,39 @@ class Curve(NamedTuple):
 def curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[str]], smoothing: float = 0.0,
            x: str = "step") -> list[Curve]:
     """The data of every line in `training_curves`, in trace order (LiveCurves updates a figure in place with it)."""
-    keys = list(history.keys())
-    n_rows = len(history[keys[0]]) if keys else 0
-    xs = np.asarray(history[x], dtype=np.float64) if x in keys else np.arange(1, n_rows + 1, dtype=np.float64)
+    columns = _history(history)
+    n_rows = len(next(iter(columns.values()))) if columns else 0
+    xs = columns[x] if x in columns else np.arange(1, n_rows + 1, dtype=np.float64)
     out = []
     for i, metrics in enumerate(panels.values()):
         for m in metrics:
-            y = np.asarray(history[m], dtype=np.float64)
+            if m not in columns:
+                raise ValueError(f"panels name metric {m!r}, which is not in the history; present are {list(columns)}")
+            y = columns[m]
             ok = np.isfinite(y)
             out.append(Curve(m, i, xs[ok], y[ok], ema(y[ok], smoothing)))
     return out
+
+
+def _column(name: str, values: Any) -> np.ndarray:
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"history column {name!r} must hold numbers (NaN where not logged), got {str(values)[:60]}") from None
+    if a.ndim != 1:
+        raise ValueError(f"history column {name!r} must be a flat list of numbers, got shape {list(a.shape)}")
+    return a
+
+
+def _history(history: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The history's columns as float arrays, all of one length (one value per logged row)."""
+    if not isinstance(history, Mapping) and not hasattr(history, "items"):
+        raise TypeError(f"history must map metric -> values (a dict or DataFrame), got {type(history).__name__}")
+    columns = {k: _column(k, v) for k, v in history.items()}
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"history columns must all have one value per row (NaN where not logged); lengths are {lengths}")
+    return columns
 
 
 def curves_title(history: Mapping[str, Any], smoothing: float = 0.0, x: str = "step") -> str:
@@ -111,6 +138,7 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
     line and trace 2i + 1 its smoothed line, in the order of `curves`.
     """
     keys = list(history.keys())
+    cols = as_int("cols", cols, 1)
     panels = default_panels(keys) if panels is None else {t: list(m) for t, m in panels.items()}
     missing = [m for ms in panels.values() for m in ms if m not in keys]
     if missing:

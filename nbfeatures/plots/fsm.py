@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from ._checks import floats, ints
 from .bars import BASE, STEER
 
 EDGE, TARGET = "#2ca02c", "#9467bd"
@@ -24,6 +25,8 @@ def next_state_bars(before: Sequence[float], after: Sequence[float] | None, edge
     after_arr = None if after is None else np.asarray(after, dtype=np.float64).reshape(-1)
     if after_arr is not None and len(after_arr) != n:
         raise ValueError(f"before and after must have one probability per state, got {n} and {len(after_arr)}")
+    before = floats("before", before)
+    after_arr = None if after_arr is None else floats("after", after_arr)
     for what, idx in (("edges", edges), ("target_edges", target_edges)):
         if any(not 0 <= int(e) < n for e in idx):
             raise ValueError(f"{what} must be states in [0, {n}), got {list(idx)}")
@@ -55,6 +58,7 @@ def state_codes_table(rows: Sequence[str], first: Sequence[int], second: Sequenc
     """A table: one row per codebook (`rows`), the code fired on the state's first and second digit."""
     if not len(rows) == len(first) == len(second):
         raise ValueError(f"rows, first and second need one entry per codebook, got {len(rows)}, {len(first)}, {len(second)}")
+    first, second = ints("first", first, 0), ints("second", second, 0)
     head = ["codebook", f"code on 1st digit {digits[:1]}".strip(), f"code on 2nd digit {digits[1:2]}".strip()]
     fig = go.Figure(go.Table(header=dict(values=head, align="left", fill_color="#eeeeee"),
                              cells=dict(values=[list(rows), [int(c) for c in first], [int(c) for c in second]], align="left")))

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._checks import as_int
+
 _ROW = "font-family: ui-monospace, monospace; font-size: 12px; white-space: pre-wrap; line-height: 1.9; margin: 1px 0"
 STEERED_STYLE = "background: rgba(255,127,14,0.35); border-bottom: 2px solid #ff7f0e"
 
@@ -20,7 +22,9 @@ def _tok(s: str) -> str:
 
 def shaded_tokens(tokens: Sequence[str], acts: Sequence[float], max_act: float, center: int | None = None) -> str:
     """Tokens as spans shaded by activation / max_act (orange); the centre token gets an outline; hover shows the value."""
-    acts = np.asarray(acts, dtype=np.float64)
+    acts = np.asarray(acts, dtype=np.float64).reshape(-1)
+    if len(acts) != len(tokens):
+        raise ValueError(f"acts must have one value per token ({len(tokens)}), got {len(acts)}")
     scale = max_act if max_act > 0 else 1.0
     spans = []
     for i, (t, a) in enumerate(zip(tokens, acts)):
@@ -59,7 +63,9 @@ def card_html(card: Any) -> str:
 
 def describe_steered(steered: Sequence[bool], prompt_len: int) -> str:
     """Which positions an edit touched, in words: 'last prompt token and every generated token', ..."""
-    s = np.asarray(steered, dtype=bool)
+    s = np.asarray(steered, dtype=bool).reshape(-1)
+    if not 0 <= as_int("prompt_len", prompt_len, 0) <= len(s):
+        raise ValueError(f"prompt_len must lie in [0, {len(s)}] (steered has one entry per prompt and generated token), got {prompt_len}")
     prompt, gen = s[:prompt_len], s[prompt_len:]
     if not s.any():
         return "nothing steered"
@@ -86,6 +92,11 @@ def generation_html(prompt_tokens: Sequence[str], tokens: Sequence[str], steered
     """Prompt (grey) then completion; steered positions get an orange underline, completion tokens in `differs` are bold."""
     steered = list(steered) if steered is not None else [False] * (len(prompt_tokens) + len(tokens))
     differs = list(differs) if differs is not None else [False] * len(tokens)
+    if len(steered) != len(prompt_tokens) + len(tokens):
+        raise ValueError(f"steered must have one entry per prompt and generated token "
+                         f"({len(prompt_tokens)} + {len(tokens)}), got {len(steered)}")
+    if len(differs) != len(tokens):
+        raise ValueError(f"differs must have one entry per generated token ({len(tokens)}), got {len(differs)}")
     spans = []
     for i, t in enumerate(list(prompt_tokens) + list(tokens)):
         gen = i >= len(prompt_tokens)

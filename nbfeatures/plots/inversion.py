@@ -13,6 +13,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ._checks import as_float, as_int, floats, ints
+
 INSIDE, OUTSIDE = "#1f77b4", "#bbbbbb"
 
 
@@ -28,6 +30,11 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
     if not (len(distance) == len(colour) == len(position) == n):
         raise ValueError(f"tokens, distance, colour and position need one entry per sample; got {n}, {len(distance)}, "
                          f"{len(colour)}, {len(position)}")  # fmt: skip
+    epsilon = as_float("epsilon", epsilon)
+    distance = floats("distance", distance).tolist()
+    for i, (row, p) in enumerate(zip(tokens, ints("position", position, 0))):
+        if p >= len(row):
+            raise ValueError(f"position of sample {i} must lie in [0, {len(row)}) (its tokens), got {p}")
     width = max((len(t) for t in tokens), default=1)
     z = np.full((n, width), np.nan)
     text = [[""] * width for _ in range(n)]
@@ -61,7 +68,7 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
 
 def query_html(tokens: Sequence[str], position: int, label: str = "query") -> str:
     """The query input with the queried token highlighted."""
-    if not 0 <= position < len(tokens):
+    if not 0 <= as_int("position", position, 0) < len(tokens):
         raise ValueError(f"position {position} is outside the query of {len(tokens)} tokens; allowed 0..{len(tokens) - 1}")
     cells = [f"<span style='padding:1px 3px;margin:1px;border-radius:3px;font-family:monospace;"
              f"{'background:#ff7f0e;color:white;font-weight:bold' if i == position else 'background:#eee'}'>"
@@ -75,6 +82,13 @@ def shared_tokens(tokens: Sequence[Sequence[str]], position: Sequence[int], insi
     One entry per offset (0 = the matched token, -1 the one before, ...) where at least `min_share` of the
     in-epsilon samples that reach that offset have the same token: {offset, token, share, n}.
     """
+    if not len(tokens) == len(position) == len(inside):
+        raise ValueError(f"tokens, position and inside need one entry per sample; got {len(tokens)}, {len(position)}, {len(inside)}")
+    if not 0 < as_float("min_share", min_share) <= 1:
+        raise ValueError(f"min_share must lie in (0, 1], got {min_share}")
+    for i, (t, p) in enumerate(zip(tokens, ints("position", position, 0))):
+        if p >= len(t):
+            raise ValueError(f"position of sample {i} must lie in [0, {len(t)}) (its tokens), got {p}")
     rows = [(t, p) for t, p, k in zip(tokens, position, inside) if k]
     if not rows:
         return []

@@ -19,11 +19,12 @@ Dimension key: N tokens, D input dim (d_in), F bits (d_sae).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ..harvest import check_sizes, check_choice, check_int, check_real
 from .io import register_architecture
 from .base import DictionaryModule, check_input
 
@@ -50,6 +51,9 @@ class _Step(torch.autograd.Function):
 
 def binary_step(z: Tensor, estimator: Estimator = "reference") -> Tensor:
     """1[z > 0] with the chosen gradient estimator."""
+    check_choice("binary_step", "estimator", estimator, ("ste", "sigmoid_ste", "reference"))
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise ValueError(f"binary_step: z must be a float tensor, got {type(z).__name__} {getattr(z, 'dtype', '')}")
     return _Step.apply(z, estimator)
 
 
@@ -60,10 +64,10 @@ class BinaryConfig:
     estimator: Estimator = "reference"
 
     def __post_init__(self):
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"need d_in > 0 and d_sae > 0, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if self.estimator not in ("ste", "sigmoid_ste", "reference"):
-            raise ValueError(f"estimator must be 'ste', 'sigmoid_ste' or 'reference'; got {self.estimator!r}")
+        check_sizes("BinaryConfig", d_in=self.d_in, d_sae=self.d_sae)
+        object.__setattr__(self, "d_in", int(self.d_in))
+        object.__setattr__(self, "d_sae", int(self.d_sae))
+        check_choice("BinaryConfig", "estimator", self.estimator, ("ste", "sigmoid_ste", "reference"))
 
 
 class BinaryOutput(NamedTuple):
@@ -79,6 +83,10 @@ class BinaryAE(DictionaryModule):
     apply_b_dec_to_input = False
 
     def __init__(self, cfg: BinaryConfig, seed: int | None = 0):
+        if not isinstance(cfg, BinaryConfig):
+            raise ValueError(f"BinaryAE: cfg must be a BinaryConfig, got {type(cfg).__name__}")
+        if seed is not None:
+            check_int("BinaryAE", "seed", seed, minimum=0)
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -129,8 +137,17 @@ def feature_set_entropy(bae: BinaryAE, acts_ND: Tensor) -> float:
     return minibatch_entropy(bae(acts_ND).latents.reshape(-1, bae.cfg.d_sae)).item()
 
 
+def _check_bits(owner: str, bits_NF: Any, mean_F: Any) -> None:
+    if not isinstance(bits_NF, Tensor) or bits_NF.dim() != 2:
+        raise ValueError(f"{owner}: bits must be a tensor [N, F] of 0/1 codes, got {type(bits_NF).__name__} "
+                         f"{list(getattr(bits_NF, 'shape', []))}")  # fmt: skip
+    if mean_F is not None and (not isinstance(mean_F, Tensor) or tuple(mean_F.shape) != (bits_NF.shape[1],)):
+        raise ValueError(f"{owner}: mean must be a tensor [F] with F={bits_NF.shape[1]}, got {list(getattr(mean_F, 'shape', []))}")
+
+
 def deviation_scores(bits_NF: Tensor, mean_F: Tensor | None = None) -> Tensor:
     """log2(|h - mean h| + 1e-6): a normally-on bit switching off scores as high as a rare bit switching on."""
+    _check_bits("deviation_scores", bits_NF, mean_F)
     mean_F = bits_NF.float().mean(0) if mean_F is None else mean_F
     return torch.log2((bits_NF.float() - mean_F).abs() + 1e-6)
 
@@ -140,6 +157,7 @@ def deviation_acts(bits_NF: Tensor, mean_F: Tensor | None = None) -> Tensor:
 
     Non-negative and zero when "off", so it feeds precision / recall and the feature gallery like SAE latents.
     """
+    _check_bits("deviation_acts", bits_NF, mean_F)
     bits = bits_NF.float()
     mean_F = bits.mean(0) if mean_F is None else mean_F.float()
     deviates = bits != (mean_F > 0.5).float()
@@ -151,9 +169,13 @@ class BinaryObjective:
 
     def __init__(self, bae: BinaryAE, entropy_coef: float = 1e-7, cov_coef: float = 1e-7, entropy_start: int = 0,
                  entropy_threshold: float | None = None):
-        for name, value in (("entropy_coef", entropy_coef), ("cov_coef", cov_coef), ("entropy_start", entropy_start)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not isinstance(bae, nn.Module) or not isinstance(getattr(getattr(bae, "cfg", None), "d_sae", None), int):
+            raise ValueError(f"BinaryObjective: bae must be a dictionary module with cfg.d_sae (a BinaryAE), got {type(bae).__name__}")
+        entropy_coef = check_real("BinaryObjective", "entropy_coef", entropy_coef)
+        cov_coef = check_real("BinaryObjective", "cov_coef", cov_coef)
+        entropy_start = check_int("BinaryObjective", "entropy_start", entropy_start, minimum=0)
+        if entropy_threshold is not None:
+            entropy_threshold = check_real("BinaryObjective", "entropy_threshold", entropy_threshold)
         self.bae, self.entropy_coef, self.cov_coef = bae, entropy_coef, cov_coef
         self.entropy_start, self.entropy_threshold = entropy_start, entropy_threshold
         self.step = 0

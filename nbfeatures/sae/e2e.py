@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import sites
 from ..edits import Splice
-from ..harvest import TokenSource
+from ..harvest import TokenSource, check_bool, check_int, check_real
 from ..train import Callback, TrainConfig, train_sae
 from .relu import ReLUSAE
 
@@ -41,6 +41,12 @@ Kind = Literal["local", "e2e", "e2e+ds", "kl+mse"]
 
 def kl_clean_to_spliced(logits_clean: Tensor, logits_spliced: Tensor, mask: Tensor | None = None) -> Tensor:
     """KL(P_clean || P_spliced) per token, averaged over (unmasked) tokens; differentiable in logits_spliced."""
+    if not isinstance(logits_clean, Tensor) or not isinstance(logits_spliced, Tensor) or logits_clean.shape != logits_spliced.shape:
+        raise ValueError(f"kl_clean_to_spliced: logits_clean and logits_spliced must be tensors of one shape [..., V], got "
+                         f"{list(getattr(logits_clean, 'shape', []))} and {list(getattr(logits_spliced, 'shape', []))}")  # fmt: skip
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != logits_clean.shape[:-1]):
+        raise ValueError(f"kl_clean_to_spliced: mask must be a tensor of shape {list(logits_clean.shape[:-1])}, "
+                         f"got {list(getattr(mask, 'shape', []))}")  # fmt: skip
     lp = F.log_softmax(logits_clean.float(), dim=-1)
     lq = F.log_softmax(logits_spliced.float(), dim=-1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
@@ -52,6 +58,8 @@ def kl_clean_to_spliced(logits_clean: Tensor, logits_spliced: Tensor, mask: Tens
 
 def downstream_sites(model: sites.Model, site: str) -> list[str]:
     """hook_resid_pre of every block after the one the site writes into (empty for the last block)."""
+    if not isinstance(site, str):
+        raise ValueError(f"downstream sites need a site name like blocks.2.hook_resid_pre; got {site!r}")
     n_layers = sum(1 for n in sites.site_names(model) if re.fullmatch(r"blocks\.\d+\.hook_resid_pre", n))
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site)
     if not m or n_layers <= 0:
@@ -72,9 +80,14 @@ class E2EObjective:
                  kl_coef: float | None = None, beta: float = 0.0, mask_first: bool = True):
         if kind not in ("local", "e2e", "e2e+ds", "kl+mse"):
             raise ValueError(f"kind must be 'local', 'e2e', 'e2e+ds' or 'kl+mse'; got {kind!r}")
-        for name, value in (("l1_coef", l1_coef), ("beta", beta), ("kl_coef", kl_coef or 0.0)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        l1_coef, beta = check_real("E2EObjective", "l1_coef", l1_coef), check_real("E2EObjective", "beta", beta)
+        if kl_coef is not None:
+            kl_coef = check_real("E2EObjective", "kl_coef", kl_coef)
+        check_bool("E2EObjective", "mask_first", mask_first)
+        if not isinstance(sae, nn.Module):
+            raise ValueError(f"E2EObjective: sae must be a dictionary module (an nn.Module), got {type(sae).__name__}")
+        if not isinstance(site, str):
+            raise ValueError(f"E2EObjective: site must be one site name, got {site!r}")
         if kind == "e2e+ds" and beta == 0:
             raise ValueError("kind='e2e+ds' needs beta > 0 (the downstream MSE weight)")
         sites.resolve(model, site)
@@ -177,6 +190,10 @@ def finetune_kl_mse(model: sites.Model, local: nn.Module, site: str, tokens: Ten
 @torch.no_grad()
 def nearest_neighbour_cosine(W_dec_FD: Tensor, chunk: int = 4096) -> Tensor:
     """[F]: each decoder direction's largest cosine similarity with another direction of the same SAE."""
+    if not isinstance(W_dec_FD, Tensor) or W_dec_FD.dim() != 2 or not W_dec_FD.is_floating_point() or len(W_dec_FD) < 2:
+        raise ValueError(f"nearest_neighbour_cosine: W_dec must be a float tensor [F, D] with F >= 2, got "
+                         f"{type(W_dec_FD).__name__} {list(getattr(W_dec_FD, 'shape', []))}")  # fmt: skip
+    check_int("nearest_neighbour_cosine", "chunk", chunk)
     W = torch.nn.functional.normalize(W_dec_FD.float(), dim=-1)
     out = torch.empty(len(W))
     for i in range(0, len(W), chunk):

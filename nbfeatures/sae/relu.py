@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..harvest import check_sizes, check_int, check_real
 from .io import register_architecture
 from .base import FiringTracker, UnitNormSAE, check_input, fvu
 
@@ -27,8 +28,9 @@ class ReLUConfig:
     d_sae: int  # number of latents
 
     def __post_init__(self):
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"need d_in > 0 and d_sae > 0, got d_in={self.d_in}, d_sae={self.d_sae}")
+        check_sizes("ReLUConfig", d_in=self.d_in, d_sae=self.d_sae)
+        object.__setattr__(self, "d_in", int(self.d_in))
+        object.__setattr__(self, "d_sae", int(self.d_sae))
 
 
 class ReLUOutput(NamedTuple):
@@ -43,6 +45,10 @@ class ReLUSAE(UnitNormSAE):
     architecture = "standard"
 
     def __init__(self, cfg: ReLUConfig, seed: int | None = 0):
+        if not isinstance(cfg, ReLUConfig):
+            raise ValueError(f"ReLUSAE: cfg must be a ReLUConfig, got {type(cfg).__name__}")
+        if seed is not None:
+            check_int("ReLUSAE", "seed", seed, minimum=0)
         super().__init__(cfg.d_in, cfg.d_sae, seed)
         self.cfg = cfg
 
@@ -65,8 +71,10 @@ class ReLUObjective:
     """MSE (mean over elements) + l1_coef * mean over tokens of ||latents||_1 / d_in; tracks dead latents."""
 
     def __init__(self, sae: ReLUSAE, l1_coef: float = 1.0, dead_tokens: int = 10_000_000):
-        if l1_coef < 0:
-            raise ValueError(f"l1_coef must be >= 0, got {l1_coef}")
+        if not isinstance(sae, torch.nn.Module) or not isinstance(getattr(getattr(sae, "cfg", None), "d_sae", None), int):
+            raise ValueError(f"ReLUObjective: sae must be a dictionary module with cfg.d_in and cfg.d_sae (a ReLUSAE), got {type(sae).__name__}")
+        l1_coef = check_real("ReLUObjective", "l1_coef", l1_coef)
+        dead_tokens = check_int("ReLUObjective", "dead_tokens", dead_tokens)
         self.sae, self.l1_coef = sae, l1_coef
         self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
 

@@ -13,12 +13,14 @@ Dimension key: N tokens, D input dim (d_in), F latents (d_sae), K active latents
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from ..harvest import check_sizes, check_bool, check_int, check_real
 from .io import register_architecture
 from .base import FiringTracker, UnitNormSAE, check_input, dense_from_sparse, fvu, gather_pre, sparse_decode
 
@@ -30,10 +32,12 @@ class TopKConfig:
     k: int = 32  # active latents per token
 
     def __post_init__(self):
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise ValueError(f"need d_in > 0 and d_sae > 0, got d_in={self.d_in}, d_sae={self.d_sae}")
-        if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"need 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
+        check_sizes("TopKConfig", d_in=self.d_in, d_sae=self.d_sae)
+        object.__setattr__(self, "d_in", int(self.d_in))
+        object.__setattr__(self, "d_sae", int(self.d_sae))
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or not 0 < self.k <= self.d_sae:
+            raise ValueError(f"TopKConfig: need 0 < k <= d_sae, got k={self.k!r}, d_sae={self.d_sae} (k an int)")
+        object.__setattr__(self, "k", int(self.k))
 
     @property
     def default_lr(self) -> float:
@@ -61,12 +65,16 @@ class TopKSAE(UnitNormSAE):
     architecture = "topk"
 
     def __init__(self, cfg: TopKConfig, seed: int | None = 0):
+        if not isinstance(cfg, TopKConfig):
+            raise ValueError(f"TopKSAE: cfg must be a TopKConfig, got {type(cfg).__name__}")
+        if seed is not None:
+            check_int("TopKSAE", "seed", seed, minimum=0)
         super().__init__(cfg.d_in, cfg.d_sae, seed)
         self.cfg = cfg
 
     def encode_topk(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending."""
-        k = k or self.cfg.k
+        k = self.cfg.k if k is None else check_int("TopKSAE.encode_topk", "k", k, maximum=self.cfg.d_sae)
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
             idx = pre.topk(k, dim=1, sorted=True).indices
@@ -104,14 +112,19 @@ class TopKObjective:
 
     def __init__(self, sae: TopKSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
                  dead_tokens: int = 10_000_000, multi_topk: bool = False):
-        if aux_coef < 0:
-            raise ValueError(f"aux_coef must be >= 0, got {aux_coef}")
+        if not hasattr(sae, "encode_topk") or not isinstance(getattr(sae, "cfg", None), TopKConfig):
+            raise ValueError(f"TopKObjective: sae must be a TopKSAE (with encode_topk and a TopKConfig), got {type(sae).__name__}")
+        aux_coef = check_real("TopKObjective", "aux_coef", aux_coef)
+        dead_tokens = check_int("TopKObjective", "dead_tokens", dead_tokens)
+        if check_bool("TopKObjective", "multi_topk", multi_topk) and 4 * sae.cfg.k > sae.cfg.d_sae:
+            raise ValueError(f"TopKObjective: multi_topk needs 4 * k <= d_sae, got k={sae.cfg.k}, d_sae={sae.cfg.d_sae}")
         self.sae, self.aux_coef, self.multi_topk = sae, aux_coef, multi_topk
-        self.k_aux = k_aux or sae.cfg.d_in // 2
+        self.k_aux = max(1, sae.cfg.d_in // 2) if k_aux is None else check_int("TopKObjective", "k_aux", k_aux)
         self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         sae, k = self.sae, self.sae.cfg.k
+        x = check_input(type(self).__name__, x, sae.cfg.d_in, sae.W_enc.dtype)  # it skips forward: check here
         acts_all, idx_all, pre = sae.encode_topk(x, 4 * k if self.multi_topk else k)
         acts, idx = acts_all[:, :k], idx_all[:, :k]
         x_hat = sae.decode_sparse(acts, idx)

@@ -7,9 +7,12 @@ figures are plain go.Figure objects, updated in place and re-shown in an ipywidg
 
 from __future__ import annotations
 
+import html
 import json
 import math
+from contextlib import contextmanager
 from copy import deepcopy
+from typing import Iterator
 
 import ipywidgets as ipw
 import numpy as np
@@ -47,6 +50,25 @@ def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def error_html(e: BaseException) -> str:
+    """An exception as a panel's status line: its type and message, in red."""
+    return f"<span style='color:#d62728'>{type(e).__name__}: {html.escape(str(e))}</span>"
+
+
+@contextmanager
+def reported(status: ipw.HTML) -> Iterator[None]:
+    """Run a panel's callback: if it raises, show the message in `status` and re-raise (a panel never swallows an error).
+
+    From a front end, ipywidgets logs the re-raised exception; the status line is what the user sees. The panel
+    stays usable: state is only replaced once a callback has returned.
+    """
+    try:
+        yield
+    except Exception as e:
+        status.value = error_html(e)
+        raise
 
 
 def sync_widget_state(fig: go.Figure) -> None:

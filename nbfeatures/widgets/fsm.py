@@ -13,7 +13,6 @@ site at once (the paper's patching experiment).
 
 from __future__ import annotations
 
-import html
 from typing import Callable, Mapping, Sequence
 
 import ipywidgets as ipw
@@ -21,7 +20,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..plots.fsm import next_state_bars, state_codes_table
-from .figure import FigureSlot
+from .figure import FigureSlot, reported
 
 
 ALL = "all sites"
@@ -36,9 +35,18 @@ class FSMPanel(ipw.VBox):
         self.codes_fn, self.next_fn, self.digits = codes, next_states, digits
         self.out_edges = [list(map(int, e)) for e in out_edges]
         self.n_states = len(self.out_edges)
+        if not self.n_states:
+            raise ValueError("out_edges must list the successors of at least one state")
+        bad = [e for edges in self.out_edges for e in edges if not 0 <= e < self.n_states]
+        if bad:
+            raise ValueError(f"out_edges must hold states in [0, {self.n_states}), got {bad[:5]}")
+        if isinstance(n_codes, bool) or not isinstance(n_codes, (int, np.integer)) or n_codes < 1:
+            raise ValueError(f"n_codes must be an int >= 1 (the codebook size), got {n_codes!r}")
         if not sites:
             raise ValueError("sites must name at least one codebook the code can be forced at")
-        if not 0 <= state < self.n_states:
+        if isinstance(digits, bool) or not isinstance(digits, int) or digits < 1:
+            raise ValueError(f"digits must be an int >= 1 (how states are written), got {digits!r}")
+        if isinstance(state, bool) or not isinstance(state, (int, np.integer)) or not 0 <= state < self.n_states:
             raise ValueError(f"state must lie in [0, {self.n_states}), got {state}")
         self.state = ipw.BoundedIntText(value=state, min=0, max=self.n_states - 1, description="state")
         self.sites = list(sites)
@@ -51,6 +59,7 @@ class FSMPanel(ipw.VBox):
         self._codes = FigureSlot(state_codes_table([], [], []))
         self._dist = FigureSlot(next_state_bars(np.zeros(self.n_states), None, []))
         self.before: np.ndarray | None = None  # last distributions drawn, as arrays
+        self._shown: int | None = None  # the state `before` belongs to
         self.after: np.ndarray | None = None
         self.state.observe(lambda _: self.show_state(), names="value")
         self.source.observe(lambda _: self._copy_source(), names="value")
@@ -74,23 +83,34 @@ class FSMPanel(ipw.VBox):
     def show_state(self) -> None:
         """Draw the picked state's codes and its unforced next-state distribution."""
         s = int(self.state.value)
-        table = dict(self.codes_fn(s))
-        self._codes.update(state_codes_table(list(table), [v[0] for v in table.values()], [v[1] for v in table.values()],
-                                             self._name(s)))
-        self.before, self.after = np.asarray(self.next_fn(s, {}), dtype=np.float64), None
-        self._draw(f"state {self._name(s)}: next-state distribution (no forcing)")
+        with reported(self.status):  # build both figures first: a failure leaves the last state on show
+            table = dict(self.codes_fn(s))
+            codes = state_codes_table(list(table), [v[0] for v in table.values()], [v[1] for v in table.values()], self._name(s))
+            before = self._probs(self.next_fn(s, {}))
+            dist = next_state_bars(before, None, self.out_edges[s], (), f"state {self._name(s)}: next-state distribution (no forcing)")
+        self.status.value = ""
+        self._codes.update(codes)
+        self.before, self.after, self._shown = before, None, s
+        self._dist.update(dist)
         self._copy_source()
+
+    def _probs(self, p) -> np.ndarray:
+        p = np.asarray(p, dtype=np.float64).reshape(-1)
+        if len(p) != self.n_states:
+            raise ValueError(f"next_states returned {len(p)} probabilities; expected one per state ({self.n_states})")
+        return p
 
     def _copy_source(self) -> None:
         self.code.disabled = self.site.value == ALL
         if self.source.value is None:
             return
-        table = dict(self.codes_fn(int(self.source.value)))
-        missing = [x for x in self.sites if x not in table]
-        if missing:
-            raise ValueError(f"codes({self.source.value}) has no entry for sites {missing}; it has {list(table)}")
-        if self.site.value != ALL:
-            self.code.value = int(table[self.site.value][1])
+        with reported(self.status):
+            table = dict(self.codes_fn(int(self.source.value)))
+            missing = [x for x in self.sites if x not in table]
+            if missing:
+                raise ValueError(f"codes({self.source.value}) has no entry for sites {missing}; it has {list(table)}")
+            if self.site.value != ALL:
+                self.code.value = int(table[self.site.value][1])
 
     def forced(self) -> dict[str, int]:
         """What the next Force will force: {site: code}."""
@@ -104,12 +124,13 @@ class FSMPanel(ipw.VBox):
     def force(self) -> None:
         """Run with the code(s) forced and draw before / after."""
         s, src = int(self.state.value), self.source.value
-        try:
+        if self._shown != s:  # the last show_state failed: try again (it reports its own error)
+            self.show_state()
+        with reported(self.status):
             forced = self.forced()
-            self.after = np.asarray(self.next_fn(s, forced), dtype=np.float64)
-        except Exception as e:
-            self.status.value = f"<span style='color:#d62728'>{type(e).__name__}: {html.escape(str(e))}</span>"
-            raise
+            after = self._probs(self.next_fn(s, forced))
+            next_state_bars(self.before, after, self.out_edges[s])  # checks the values before anything is replaced
+        self.after = after
         what = (f"state {self._name(src)}'s codes forced at every site" if self.site.value == ALL else
                 f"code {forced[self.site.value]} forced at {self.site.value}" + (f" (the code of state {self._name(src)})" if src is not None else ""))
         self._draw(f"state {self._name(s)}, {what}", self.out_edges[src] if src is not None else ())
@@ -120,6 +141,4 @@ class FSMPanel(ipw.VBox):
                                 if on_target is not None else ""))
 
     def _draw(self, title: str, target_edges: Sequence[int] = ()) -> None:
-        if len(self.before) != self.n_states:
-            raise ValueError(f"next_states returned {len(self.before)} probabilities; expected one per state ({self.n_states})")
         self._dist.update(next_state_bars(self.before, self.after, self.out_edges[int(self.state.value)], target_edges, title))

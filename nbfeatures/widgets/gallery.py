@@ -17,21 +17,31 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..plots import activation_histogram, card_html, feature_overview, output_tokens_bar
-from .figure import FigureSlot
+from ..plots._checks import as_int
+from .figure import FigureSlot, reported
 
 SEARCHED = ("best_label", "top_tokens", "top_logits")  # table columns the search box looks in
 
 
 class FeatureGallery(ipw.VBox):
     """Browse features. Public controls: sort_by, descending, search, results (the list), feature (selected id),
-    prev_button / next_button; outputs: cards (HTML), hist_fig, logits_fig, overview_fig."""
+    prev_button / next_button; outputs: cards (HTML), hist_fig, logits_fig, overview_fig, status (a failed card's error)."""
 
     def __init__(self, table: Any, card: Callable[[int], Any] | None = None, *, feature: int | None = None,
                  max_rows: int = 200):
         if card is None:  # a FeatureSummary (or anything with .table and .card)
+            if not (hasattr(table, "table") and hasattr(table, "card")):
+                raise TypeError(f"FeatureGallery takes a FeatureSummary, or a table and card=callable; got {type(table).__name__}")
             table, card = table.table, table.card
+        if not callable(card):
+            raise TypeError(f"card must be a callable feature id -> FeatureCard, got {type(card).__name__}")
+        missing = [c for c in ("density", "max_act", "mean_act") if c not in getattr(table, "columns", ())]
+        if missing:
+            raise ValueError(f"the feature table needs columns density, max_act, mean_act (as summarize_features makes); "
+                             f"missing {missing}")
         if len(table) == 0:
             raise ValueError("the feature table is empty: nothing to browse")
+        max_rows = as_int("max_rows", max_rows, 1)
         self.table, self.card, self.max_rows = table, card, max_rows
         self.order: list[int] = list(table.index)  # the features that match the search, in the chosen order
         sorts = [("density", "density"), ("max activation", "max_act"), ("mean activation", "mean_act")]
@@ -48,6 +58,7 @@ class FeatureGallery(ipw.VBox):
         self.prev_button = ipw.Button(description="◀", layout=ipw.Layout(width="3em"), tooltip="previous in the list")
         self.next_button = ipw.Button(description="▶", layout=ipw.Layout(width="3em"), tooltip="next in the list")
         self.cards = ipw.HTML()
+        self.status = ipw.HTML()
         self._hist = FigureSlot(activation_histogram([], [0.0]))
         self._logits = FigureSlot(output_tokens_bar([], [], [], []))
         self._overview = FigureSlot(feature_overview(table["density"], table["max_act"], table.index))
@@ -66,7 +77,7 @@ class FeatureGallery(ipw.VBox):
                         layout=ipw.Layout(width="38%"))
         # The two card figures are stacked, not side by side: two autosized plotly figures (700px each by
         # default) in a row overflow the right column and put the output tokens off-screen at 1280px.
-        right = ipw.VBox([ipw.HBox([self.feature, self.prev_button, self.next_button]), self.cards,
+        right = ipw.VBox([ipw.HBox([self.feature, self.prev_button, self.next_button]), self.status, self.cards,
                           self._hist.view, self._logits.view], layout=ipw.Layout(width="62%", overflow="hidden"))
         super().__init__([ipw.HBox([left, right])])
         self.refilter()
@@ -117,10 +128,15 @@ class FeatureGallery(ipw.VBox):
         if self.feature.value != f:
             self.feature.value = f  # comes back here through the observer
             return
-        card = self.card(f)
-        self.cards.value = card_html(card)
-        self._hist.update(activation_histogram(card.hist_counts, card.hist_edges, card.density, f"feature {f}: activations when firing"))
-        self._logits.update(output_tokens_bar(card.pos_tokens, card.pos_values, card.neg_tokens, card.neg_values))
+        with reported(self.status):  # build everything first: a failed card leaves the last one on show
+            card = self.card(f)
+            cards = card_html(card)
+            hist = activation_histogram(card.hist_counts, card.hist_edges, card.density, f"feature {f}: activations when firing")
+            logits = output_tokens_bar(card.pos_tokens, card.pos_values, card.neg_tokens, card.neg_values)
+        self.status.value = ""
+        self.cards.value = cards
+        self._hist.update(hist)
+        self._logits.update(logits)
         ov = self._overview.figure
         sel = np.flatnonzero(np.asarray(ov.data[0].customdata) == f)
         with ov.batch_update():

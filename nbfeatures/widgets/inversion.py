@@ -13,14 +13,14 @@ Epsilon only redraws; every other control samples again.
 
 from __future__ import annotations
 
-import html
 from typing import Any, Callable, Mapping, Sequence
 
 import ipywidgets as ipw
 import numpy as np
 
+from ..plots._checks import as_float, as_int
 from ..plots.inversion import inversion_samples, query_html, shared_html, shared_tokens
-from .figure import FigureSlot
+from .figure import FigureSlot, reported
 
 
 def _field(result: Any, name: str) -> Any:
@@ -43,6 +43,16 @@ class InversionPanel(ipw.VBox):
                  epsilon: float = 0.1, max_rows: int = 40):  # fmt: skip
         if not sites:
             raise ValueError("sites must list at least one site")
+        if not callable(sample) or not callable(tokenize):
+            raise TypeError("sample and tokenize must be callables (see the module docstring)")
+        if site is not None and site not in sites:
+            raise ValueError(f"site {site!r} is not among the sites {list(sites)}")
+        if not 0.25 <= as_float("temperature", temperature) <= 4.0 or not 0 <= as_float("epsilon", epsilon) <= 1:
+            raise ValueError(f"temperature must lie in [0.25, 4] and epsilon in [0, 1] (the sliders' ranges), "
+                             f"got {temperature}, {epsilon}")
+        max_rows = as_int("max_rows", max_rows, 1)
+        if position is not None:
+            as_int("position", position, 0)
         self.sample_fn, self.tokenize, self.max_rows = sample, tokenize, max_rows
         self.query = ipw.Text(value=query, description="query", continuous_update=False, layout=ipw.Layout(width="60%"))
         self.site = ipw.Dropdown(options=list(sites), value=site or sites[0], description="site")
@@ -56,10 +66,10 @@ class InversionPanel(ipw.VBox):
         self.result: Any = None  # the last result, as the callable returned it
         self._quiet = False  # set while the panel moves its own controls
         self._set_query(position)
-        self.query.observe(lambda _: (self._set_query(None), self.run()), names="value")
+        self.query.observe(lambda _: self._query_changed(), names="value")
         for w in (self.site, self.position, self.temperature):
             w.observe(lambda _: None if self._quiet else self.run(), names="value")
-        self.epsilon.observe(lambda _: self._draw(), names="value")
+        self.epsilon.observe(lambda _: self.redraw(), names="value")
         self.sample_button.on_click(lambda _: self.run())
         super().__init__([
             ipw.HBox([self.query, self.site]), ipw.HBox([self.position, self.temperature, self.epsilon]),
@@ -70,10 +80,23 @@ class InversionPanel(ipw.VBox):
     def fig(self):
         return self._fig.figure
 
+    def _query_changed(self) -> None:
+        with reported(self.status):
+            self._set_query(None)
+        self.run()
+
+    def redraw(self) -> None:
+        """Draw the last result again (what moving epsilon does)."""
+        with reported(self.status):
+            self._draw()
+
     def _set_query(self, position: int | None) -> None:
-        self.tokens = list(self.tokenize(self.query.value))
-        if not self.tokens:
-            raise ValueError("tokenize returned no tokens for the query")
+        tokens = self.tokenize(self.query.value)
+        if isinstance(tokens, str) or not hasattr(tokens, "__len__"):
+            raise ValueError(f"tokenize must return the query's tokens as a list of strings, got {type(tokens).__name__}")
+        if not len(tokens):
+            raise ValueError(f"tokenize returned no tokens for the query {self.query.value!r}; it needs at least one (BOS first)")
+        self.tokens = [str(t) for t in tokens]
         last = len(self.tokens) - 1
         pos = last if position is None else position
         if not 0 <= pos <= last:
@@ -88,22 +111,24 @@ class InversionPanel(ipw.VBox):
 
     def run(self) -> None:
         """Sample for the current query, site, position and temperature, and draw."""
-        self.query_view.value = query_html(self.tokens, self.position.value)
         self.status.value = "<i>sampling…</i>"
-        try:
-            self.result = self.sample_fn(self.query.value, self.site.value, int(self.position.value), float(self.temperature.value))
-            self._draw()
-        except Exception as e:
-            self.status.value = f"<span style='color:#d62728'>{type(e).__name__}: {html.escape(str(e))}</span>"
-            raise
+        with reported(self.status):
+            self.query_view.value = query_html(self.tokens, self.position.value)
+            result = self.sample_fn(self.query.value, self.site.value, int(self.position.value), float(self.temperature.value))
+            self._draw(result)
+            self.result = result  # only a result that could be drawn replaces the last one
 
-    def _draw(self) -> None:
-        if self.result is None:
+    def _draw(self, result: Any = None) -> None:
+        result = self.result if result is None else result
+        if result is None:
             return
-        tokens = [list(t) for t in _field(self.result, "tokens")]
-        dist = _floats(_field(self.result, "distance"))
-        pos = [int(p) for p in _floats(_field(self.result, "position"))]
-        colour = [_floats(c) for c in _field(self.result, "colour")]
+        tokens = [list(t) for t in _field(result, "tokens")]
+        dist = _floats(_field(result, "distance"))
+        pos = [int(p) for p in _floats(_field(result, "position"))]
+        colour = [_floats(c) for c in _field(result, "colour")]
+        if not len(tokens) == len(dist) == len(pos) == len(colour):
+            raise ValueError(f"the sample callable returned {len(tokens)} token rows, {len(dist)} distances, {len(pos)} "
+                             f"positions and {len(colour)} colour rows; it needs one of each per sample")
         order = np.argsort(dist, kind="stable")[: self.max_rows]
         eps = float(self.epsilon.value)
         inside = dist <= eps

@@ -15,7 +15,6 @@ strength * an SAE latent's decoder row, force a codebook code, add a plain vecto
 
 from __future__ import annotations
 
-import html
 from typing import Any, Callable, Mapping, Sequence
 
 import ipywidgets as ipw
@@ -23,7 +22,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ..plots import describe_steered, generation_html, next_token_bars
-from .figure import FigureSlot
+from ..plots._checks import as_float, as_int
+from .figure import FigureSlot, reported
 
 
 def _field(result: Any, name: str) -> Any:
@@ -51,14 +51,23 @@ class SteeringPanel(ipw.VBox):
     """
 
     def __init__(self, generate: Callable[[str, int | None, float], Any], vocab: Sequence[str],
-                 names: Sequence[str] | Mapping[int, str] | int, *, prompt: str = "", feature: int = 0,
+                 names: Sequence[str] | Mapping[int, str] | int, *, prompt: str = "", feature: int | None = None,
                  strength: float = 4.0, max_strength: float = 20.0, k: int = 10, max_rows: int = 100):
+        if not callable(generate):
+            raise TypeError(f"generate must be a callable (prompt, feature, strength) -> result, got {type(generate).__name__}")
+        k, max_rows = as_int("k", k, 1), as_int("max_rows", max_rows, 1)
+        if not as_float("max_strength", max_strength) > 0 or not abs(as_float("strength", strength)) <= max_strength:
+            raise ValueError(f"need max_strength > 0 and |strength| <= max_strength, got strength={strength}, max_strength={max_strength}")
         self.generate_fn, self.vocab, self.k, self.max_rows = generate, list(vocab), k, max_rows
         if isinstance(names, int):
             names = {i: "" for i in range(names)}
         self.names: dict[int, str] = dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
         if not self.names:
             raise ValueError("names must list at least one feature (or pass the number of features)")
+        feature = min(self.names) if feature is None else feature
+        if feature not in self.names:
+            raise ValueError(f"feature {feature!r} is not among the {len(self.names)} named features "
+                             f"(ids {min(self.names)}..{max(self.names)})")
         self.prompt = ipw.Textarea(value=prompt, description="prompt", layout=ipw.Layout(width="100%"))
         self.search = ipw.Text(placeholder="search feature names or #id", description="search", continuous_update=True)
         self.results = ipw.Select(options=[], rows=6, layout=ipw.Layout(width="100%"))
@@ -98,14 +107,11 @@ class SteeringPanel(ipw.VBox):
         """Generate the baseline (cached per prompt) and the steered text, and draw both."""
         prompt, f, s = self.prompt.value, int(self.feature.value), float(self.strength.value)
         self.status.value = "<i>generating…</i>"
-        try:
+        with reported(self.status):
             if prompt not in self._baseline:
                 self._baseline = {prompt: self.generate_fn(prompt, None, 0.0)}
             self.baseline, self.steered = self._baseline[prompt], self.generate_fn(prompt, f, s)
             differs = self._draw(f, s)
-        except Exception as e:
-            self.status.value = f"<span style='color:#d62728'>{type(e).__name__}: {html.escape(str(e))}</span>"
-            raise
         self.status.value = f"{sum(differs)} of {len(differs)} generated tokens differ"
 
     def _draw(self, f: int, s: float) -> list[bool]:

@@ -69,34 +69,139 @@ def card(name_or_folder: str | os.PathLike) -> dict:
     return json.loads((folder / "card.json").read_text())
 
 
-def load_pretrained(name_or_path: str | Path, device=None):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def load_pretrained(name_or_path: str | os.PathLike, device=None):
     """(model, tokenizer) from a zoo name, a local folder or a hub id; the model is in eval mode.
 
-    The tokenizer is None when a local folder has no tokenizer files.
+    The tokenizer is None when a local folder has no tokenizer files (`load_model` refuses such a folder). A hub
+    id is read from the local cache first; offline (HF_HUB_OFFLINE=1, or no network) an id not in the cache fails
+    at once instead of after the hub client's retries.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ValueError(f"name_or_path must be a zoo name ({available()}), a model folder or a hub id (a non-empty "
+                         f"string or path); got {name_or_path!r}")  # fmt: skip
+    device = _check_device(device)
     name = str(name_or_path)
     if name in available():
         folder = path(name)
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
-    elif isinstance(name_or_path, Path) or name.startswith((".", "/", "~")):
+    elif isinstance(name_or_path, os.PathLike) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ValueError(f"no folder at {name!r} (and it is not a zoo model; available: {available()})")
-    else:  # a hub id: transformers resolves it (and explains a failure in its own words)
+    else:  # a hub id: the local cache first; the hub only when it can answer
+        local_only = _hub_local_only(name)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name)
-        except OSError as err:
+            model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only)
+        except (OSError, ValueError) as err:
             raise ValueError(f"{name!r} is not a zoo model (available: {available()}), a local folder, "
                              f"or a loadable hub id: {err}") from err  # fmt: skip
-        return _place(model, device), AutoTokenizer.from_pretrained(name)
+        return _place(model, device), _tokenizer(name, local_files_only=local_only)
     model = _load_checked(folder)
-    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    return _place(model, device), AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
+    has_tokenizer = any((folder / f).is_file() for f in TOKENIZER_FILES)
+    return _place(model, device), _tokenizer(folder) if has_tokenizer else None
+
+
+def _check_device(device):
+    if device is None:
+        return None
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be None, a torch.device or a device string such as 'cpu' or 'cuda:0'; got {device!r}") from err
+
+
+def _tokenizer(source, local_files_only: bool = False):
+    """The tokenizer at a folder or hub id, refused when it holds no vocabulary (it would turn every text into [])."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError, TypeError) as err:
+        if not isinstance(source, Path):  # a hub model without a tokenizer: the model alone is still useful
+            return None
+        raise ValueError(f"{source}: the tokenizer files there ({_present(source, TOKENIZER_FILES)}) do not load: {err}") from err
+    if not set(tok.get_vocab()) - set(tok.all_special_tokens):  # only special tokens: every text encodes to []
+        raise ValueError(f"{source}: the tokenizer there has an empty vocabulary (files: {_present(source, TOKENIZER_FILES)}); "
+                         f"a tokenizer needs tokenizer.json, or vocab.json with merges.txt, or a sentencepiece model")  # fmt: skip
+    return tok
+
+
+def _present(folder, names) -> list[str]:
+    return [f for f in names if isinstance(folder, Path) and (folder / f).is_file()]
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says now, or as huggingface_hub read it at import."""
+    if any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub's host accepts a connection within `timeout` s (DNS included, so a thread bounds it)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    except ImportError:
+        host = "huggingface.co"
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def _hub_local_only(name: str) -> bool:
+    """True when the hub id must be read from the local cache; raises at once when it is not there and the hub
+    cannot be asked (HF_HUB_OFFLINE set, or no network), rather than after tens of seconds of retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError as err:  # HFValidationError: not even the shape of a hub id
+        raise ValueError(f"{name!r} is not a zoo model (available: {available()}), a local folder, or a hub id "
+                         f"('owner/name'): {err}") from err  # fmt: skip
+    offline = _hub_offline()
+    if cached:
+        return offline or not _hub_reachable()
+    if offline:
+        raise ValueError(f"{name!r} is not a zoo model (available: {available()}), not a local folder, and not in the "
+                         f"local hub cache; HF_HUB_OFFLINE is set, so the hub is not asked (unset HF_HUB_OFFLINE to "
+                         f"download it, or pass a zoo name or a model folder)")  # fmt: skip
+    if not _hub_reachable():
+        raise ValueError(f"{name!r} is not a zoo model (available: {available()}), not a local folder, and not in the "
+                         f"local hub cache, and the hub cannot be reached (no network); set HF_HUB_OFFLINE=1 to work "
+                         f"from the cache, or pass a zoo name or a model folder")  # fmt: skip
+    return False
 
 
 def _load_checked(folder: Path):
     """Load a local folder, raising ValueError naming it when the config, weights or their shapes are wrong."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
@@ -107,7 +212,11 @@ def _load_checked(folder: Path):
     if not any(f in files for f in WEIGHT_FILES):
         raise ValueError(f"{folder} has no weights (expected one of {list(WEIGHT_FILES)}); files there: {files}")
     # Load leniently, then refuse anything transformers would have filled with random values.
-    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # corrupt JSON or weights, an unknown model_type
+        raise ValueError(f"{folder} is not a loadable transformers model folder (config.json or weights corrupt, truncated "
+                         f"or of an unknown model type): {type(err).__name__}: {err}") from err  # fmt: skip
     mismatched = sorted(info["mismatched_keys"], key=lambda m: m[0])  # by name: the same message on every run
     problems = [f"{k}: saved {tuple(saved)}, config expects {tuple(want)}" for k, saved, want in mismatched]
     problems += [f"{k}: the config's model needs it but the weights lack it" for k in sorted(info["missing_keys"])]
@@ -126,6 +235,11 @@ def _place(model, device):
 def load_model(name_or_path: str | os.PathLike, device: Any = None) -> sites.Model:
     """A zoo name (`nbf.zoo.available()`), a local model folder or a hub id -> the wrapped model with its tokenizer."""
     hf, tokenizer = load_pretrained(name_or_path, device=device)
+    if tokenizer is None:  # without one every text prompt would fail later, far from the cause
+        where = path(str(name_or_path)) if str(name_or_path) in available() else name_or_path
+        raise ValueError(f"{where} has no tokenizer (looked for {list(TOKENIZER_FILES)}); save one there "
+                         f"(tokenizer.save_pretrained(folder)), or load the module with zoo.load_pretrained and "
+                         f"pass it to wrap(module, tokenizer)")  # fmt: skip
     return sites.wrap(hf, tokenizer)
 
 
