@@ -34,52 +34,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import sites as _sites
+from ._checks import bool_arg, choice_arg, int_arg, real_arg, sizes_arg
 from ._io import load_json, save_json, write_atomic
-
-
-# ----------------------------------------------------------------------------- argument checks
-# (shared by harvest, train, the dictionaries' configs and objectives, and the inversion configs)
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
-    """`value` as an int in [minimum, maximum]; a bool, float, string or an int out of range raises ValueError."""
-    allowed = (f">= {minimum}" if minimum <= 0 else f"> {minimum - 1}") + (f" and <= {maximum}" if maximum is not None else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{owner}: {name} must be {allowed} (an int), got {value!r} ({type(value).__name__})")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{owner}: {name} must be {allowed} (an int), got {value}")
-    return int(value)
-
-
-def check_sizes(owner: str, **sizes: Any) -> None:
-    """Every size an int > 0, else one ValueError naming them all: "need d_in > 0 and d_sae > 0 (ints), got ..."."""
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0 for v in sizes.values()):
-        raise ValueError(f"{owner}: need {' and '.join(f'{k} > 0' for k in sizes)} (ints), got "
-                         + ", ".join(f"{k}={v!r}" for k, v in sizes.items()))  # fmt: skip
-
-
-def check_real(owner: str, name: str, value: Any, minimum: float = 0.0, *, strict: bool = False,
-               maximum: float | None = None) -> float:  # fmt: skip
-    """`value` as a finite float >= minimum (> minimum if strict, <= maximum if given); else ValueError."""
-    allowed = f"{'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{owner}: {name} must be {allowed} (a finite number), got {value!r} ({type(value).__name__})")
-    v = float(value)
-    if not math.isfinite(v) or v < minimum or (strict and v == minimum) or (maximum is not None and v > maximum):
-        raise ValueError(f"{owner}: {name} must be {allowed} (a finite number), got {value!r}")
-    return v
-
-
-def check_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: {name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> Any:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------- token sources
@@ -88,10 +44,10 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[Any]) -> A
 def token_batches(tokens: Any, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Tensor]]:
     """Yield {input_ids, attention_mask} batches from a [N, T] tensor, a datasets.Dataset with
     `input_ids`, or an iterable of token-id sequences (ragged ones are right-padded and masked)."""
-    check_int("token_batches", "batch_size", batch_size)
-    check_int("token_batches", "start", start, minimum=0)
+    int_arg("token_batches", "batch_size", batch_size)
+    int_arg("token_batches", "start", start, minimum=0)
     if stop is not None:
-        check_int("token_batches", "stop", stop, minimum=0)
+        int_arg("token_batches", "stop", stop, minimum=0)
     if isinstance(tokens, Tensor):
         if tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"token tensor must be integer [N, T]; got {tokens.dtype} {list(tokens.shape)}")
@@ -351,11 +307,11 @@ def _harvest_params(tokens: Any, sites: Any, n_tokens: Any, batch_size: Any, sha
     if not isinstance(sites, Sequence) or not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) != len(sites):
         raise ValueError(f"harvest: sites must be a site name or a non-empty list of distinct site names, got {sites!r}")
     if n_tokens is not None:
-        check_int("harvest", "n_tokens", n_tokens)
+        int_arg("harvest", "n_tokens", n_tokens)
     for name, value in (("batch_size", batch_size), ("shard_tokens", shard_tokens)):
-        check_int("harvest", name, value)
+        int_arg("harvest", name, value)
     for name, value in (("drop_first", drop_first), ("progress", progress), ("resume", resume)):
-        check_bool("harvest", name, value)
+        bool_arg("harvest", name, value)
     name = str(dtype).removeprefix("torch.")
     if not isinstance(dtype, torch.dtype) or name not in _STORED:
         raise ValueError(f"harvest: dtype must be one of {', '.join('torch.' + n for n in _STORED)}; got {dtype!r}")
@@ -422,7 +378,7 @@ class TensorSource:
     """Batches of rows from a [N, D] table (tensor or memory-mapped cache), a new permutation per epoch."""
 
     def __init__(self, acts: Any, batch_size: int, seed: int = 0):
-        batch_size, seed = check_int("TensorSource", "batch_size", batch_size), check_int("TensorSource", "seed", seed, minimum=0)
+        batch_size, seed = int_arg("TensorSource", "batch_size", batch_size), int_arg("TensorSource", "seed", seed, minimum=0)
         if isinstance(acts, np.ndarray):
             acts = torch.from_numpy(acts)
         if not isinstance(acts, (Tensor, _ShardedTable)) or len(acts.shape) != 2:
@@ -454,9 +410,9 @@ class ModelSource:
     def __init__(self, model: _sites.Model, site: str, tokens: Any, batch_size: int, *, buffer_tokens: int = 2**16,
                  seq_batch: int = 32, drop_first: bool = True, seed: int = 0):
         for name, value in (("batch_size", batch_size), ("buffer_tokens", buffer_tokens), ("seq_batch", seq_batch)):
-            check_int("ModelSource", name, value)
-        check_int("ModelSource", "seed", seed, minimum=0)
-        check_bool("ModelSource", "drop_first", drop_first)
+            int_arg("ModelSource", name, value)
+        int_arg("ModelSource", "seed", seed, minimum=0)
+        bool_arg("ModelSource", "drop_first", drop_first)
         if not isinstance(site, str):
             raise ValueError(f"ModelSource: site must be one site name, got {site!r}")
         n_seq = _n_sequences(tokens)

@@ -35,8 +35,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import bool_arg, choice_arg, int_arg, real_arg
 from ._io import load_json, load_tensors, save_json, save_tensors
-from .harvest import TensorSource, _ShardedTable, check_bool, check_choice, check_int, check_real
+from .harvest import TensorSource, _ShardedTable
 
 Callback = Callable[[int, dict], Any]
 
@@ -74,23 +75,23 @@ class TrainConfig:
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: store normalised values)
         for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("log_every", 1), ("checkpoint_every", 0), ("seed", 0)):
-            put(name, check_int("TrainConfig", name, getattr(self, name), minimum))
+            put(name, int_arg("TrainConfig", name, getattr(self, name), minimum))
         if self.lr is not None:
-            put("lr", check_real("TrainConfig", "lr", self.lr, strict=True))
+            put("lr", real_arg("TrainConfig", "lr", self.lr, strict=True))
         if self.grad_clip is not None:
-            put("grad_clip", check_real("TrainConfig", "grad_clip", self.grad_clip, strict=True))
-        put("adam_eps", check_real("TrainConfig", "adam_eps", self.adam_eps, strict=True))
-        put("weight_decay", check_real("TrainConfig", "weight_decay", self.weight_decay))
-        put("decay_fraction", check_real("TrainConfig", "decay_fraction", self.decay_fraction, maximum=1.0))
-        put("min_lr_ratio", check_real("TrainConfig", "min_lr_ratio", self.min_lr_ratio, maximum=1.0))
+            put("grad_clip", real_arg("TrainConfig", "grad_clip", self.grad_clip, strict=True))
+        put("adam_eps", real_arg("TrainConfig", "adam_eps", self.adam_eps, strict=True))
+        put("weight_decay", real_arg("TrainConfig", "weight_decay", self.weight_decay))
+        put("decay_fraction", real_arg("TrainConfig", "decay_fraction", self.decay_fraction, maximum=1.0))
+        put("min_lr_ratio", real_arg("TrainConfig", "min_lr_ratio", self.min_lr_ratio, maximum=1.0))
         betas = self.adam_betas
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
             raise ValueError(f"TrainConfig: adam_betas must be two numbers in [0, 1), got {betas!r}")
-        put("adam_betas", tuple(check_real("TrainConfig", f"adam_betas[{i}]", b, maximum=1.0) for i, b in enumerate(betas)))
+        put("adam_betas", tuple(real_arg("TrainConfig", f"adam_betas[{i}]", b, maximum=1.0) for i, b in enumerate(betas)))
         if 1.0 in self.adam_betas:
             raise ValueError(f"TrainConfig: adam_betas must be two numbers in [0, 1), got {betas!r}")
-        check_choice("TrainConfig", "schedule", self.schedule, ("linear", "cosine"))
-        check_choice("TrainConfig", "resume", self.resume, ("auto", "never", "must"))
+        choice_arg("TrainConfig", "schedule", self.schedule, ("linear", "cosine"))
+        choice_arg("TrainConfig", "resume", self.resume, ("auto", "never", "must"))
         if self.checkpoint_dir is not None:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not os.fspath(self.checkpoint_dir):
                 raise ValueError(f"TrainConfig: checkpoint_dir must be a folder path (str or Path) or None, got {self.checkpoint_dir!r}")
@@ -240,7 +241,7 @@ def _check_train_args(module: Any, source: Any, cfg: Any, objective: Any, callba
         raise ValueError(f"train: objective must be callable (batch -> (loss, logs)), got {type(objective).__name__}")
     if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence) or not all(callable(c) for c in callbacks):
         raise ValueError(f"train: callbacks must be a list of functions (step, row) -> None, got {callbacks!r:.80}")
-    check_bool("train", "progress", progress)
+    bool_arg("train", "progress", progress)
 
 
 def data_fingerprint(source: Any) -> dict:

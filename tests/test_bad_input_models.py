@@ -215,7 +215,7 @@ CASES = [
     ("query_activation: position float", lambda e: query_activation(e.model, e.q, SITE, 1.0), TypeError, r"position must be an integer; got float"),
     ("query_activation: batched ids", lambda e: query_activation(e.model, e.ids, SITE, 1), ValueError, r"query must be one input \[T\]"),
     ("query_activation: latent at a plain site", lambda e: query_activation(e.model, e.q, SITE, 1, latent=2), ValueError, r"latent is for feature sites"),
-    ("query_activation: latent out of range", lambda e: query_activation(e.model, e.q, e.fs, 1, latent=16), ValueError, r"latent must be an integer in 0\.\.15; got 16"),
+    ("query_activation: latent out of range", lambda e: query_activation(e.model, e.q, e.fs, 1, latent=16), ValueError, r"latent must be an integer in \[0, 15\]; got 16"),
     ("strongest_latent: plain site", lambda e: strongest_latent(e.model, e.q, SITE, 1), TypeError, r"strongest_latent needs a FeatureSite"),
     ("feature_query: index float", lambda e: feature_query(torch.randn(4, 32), 1.5, 1.0), TypeError, r"index must be an integer; got float 1\.5"),
     ("feature_query: scale NaN", lambda e: feature_query(torch.randn(4, 32), 1, NAN), ValueError, r"scale must be a finite number; got nan"),

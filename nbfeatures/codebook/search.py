@@ -9,7 +9,6 @@ Dimension key: N tokens, G groups (heads), E width per group, C codes, K codes c
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -17,17 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def check_int(what: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """`value` itself when it is an integer in [lo, hi]; else a TypeError / ValueError naming `what` and the range.
-
-    bool is refused (True would silently mean 1), and so is a float even when whole (2.0 is a sign of a mix-up)."""
-    allowed = f"an integer{f' >= {lo}' if lo is not None and hi is None else ''}{f' in [{lo}, {hi}]' if lo is not None and hi is not None else ''}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be {allowed}; got {type(value).__name__} {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{what} must be {allowed}; got {value}")
-    return int(value)
+from .._checks import check_int
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def as_int(name: str, value: Any, lo: int = 0) -> int:
-    """`value` as an int >= lo; bools, floats and strings are refused (a float size is almost always a slip)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {lo}, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value}")
-    return int(value)
+from .._checks import ArgumentTypeError, as_int  # noqa: F401  (re-exported for this package)
 
 
 def as_ids(name: str, ids: Any, vocab_size: int | None) -> Tensor:

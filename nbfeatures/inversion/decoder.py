@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_arg
 from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
-from ..harvest import check_int
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,12 @@ class DecoderConfig:
             raise ValueError(f"conditioning must be 'prefix' or 'cross', got {self.conditioning!r}")
         for name, minimum in (("vocab_size", 1), ("n_ctx", 2), ("d_act", 1), ("d_model", 1), ("n_layers", 1), ("n_heads", 1),
                               ("n_act_blocks", 0), ("d_site", 1)):  # fmt: skip
-            object.__setattr__(self, name, check_int("DecoderConfig", name, getattr(self, name), minimum))
+            object.__setattr__(self, name, int_arg("DecoderConfig", name, getattr(self, name), minimum))
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         for name in ("bos_id", "eos_id"):
             if name == "bos_id" or self.eos_id is not None:
-                object.__setattr__(self, name, check_int("DecoderConfig", name, getattr(self, name), 0, self.vocab_size - 1))
+                object.__setattr__(self, name, int_arg("DecoderConfig", name, getattr(self, name), 0, self.vocab_size - 1))
 
 
 class _Attention(nn.Module):

@@ -11,7 +11,6 @@ Dimension key: B batch, T position, D activation width (zero-padded to the wides
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import sites as S
+from .._checks import check_int, check_number
 
 
 METRICS = ("euclidean", "cosine")
@@ -28,26 +28,6 @@ _HEAD = re.compile(r"(.+\.attn\.hook_z)\.(\d+)")
 
 
 # ----------------------------------------------------------------------------- argument checks
-
-
-def check_int(what: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """`value` as an int when it is an integer in [lo, hi] (bool and float refused); else an error naming `what`."""
-    allowed = "an integer" + (f" >= {lo}" if lo is not None and hi is None else f" in {lo}..{hi}" if lo is not None else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be {allowed}; got {type(value).__name__} {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{what} must be {allowed}; got {value}")
-    return int(value)
-
-
-def check_number(what: str, value: Any, lo: float | None = None, strict: bool = False) -> float:
-    """`value` as a float when it is a finite real number above lo (> lo when strict, else >=); else an error naming `what`."""
-    allowed = "a finite number" + ("" if lo is None else f" {'>' if strict else '>='} {lo}")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be {allowed}; got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (lo is not None and (value <= lo if strict else value < lo)):
-        raise ValueError(f"{what} must be {allowed}; got {value}")
-    return float(value)
 
 
 def _shape(t: Any) -> str:

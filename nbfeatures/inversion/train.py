@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..harvest import check_int, check_real
+from .._checks import int_arg, real_arg
 from ..train import TrainConfig, latest_checkpoint, train
 from .decoder import InversionDecoder, sequence_loss
 from .probe import PairSource, distance, real_positions, site_acts, site_name
@@ -46,10 +46,10 @@ class RebalanceConfig:
     epsilon: float = 0.1
 
     def __post_init__(self):
-        object.__setattr__(self, "rebalance", check_real("RebalanceConfig", "rebalance", self.rebalance))
+        object.__setattr__(self, "rebalance", real_arg("RebalanceConfig", "rebalance", self.rebalance))
         for name, minimum in (("eval_every", 0), ("eval_queries", 1), ("eval_samples", 1)):
-            object.__setattr__(self, name, check_int("RebalanceConfig", name, getattr(self, name), minimum))
-        object.__setattr__(self, "epsilon", check_real("RebalanceConfig", "epsilon", self.epsilon, strict=True))
+            object.__setattr__(self, name, int_arg("RebalanceConfig", name, getattr(self, name), minimum))
+        object.__setattr__(self, "epsilon", real_arg("RebalanceConfig", "epsilon", self.epsilon, strict=True))
         if self.rebalance < 0 or self.eval_every < 0 or (self.rebalance > 0 and self.eval_every == 0):
             raise ValueError(f"rebalance must be >= 0 and needs eval_every >= 1; got rebalance={self.rebalance}, eval_every={self.eval_every}")
         if self.eval_queries < 1 or self.eval_samples < 1 or not self.epsilon > 0:

@@ -7,13 +7,7 @@ from typing import Any
 
 import numpy as np
 
-
-def as_int(name: str, value: Any, lo: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= {lo}, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value}")
-    return int(value)
+from .._checks import ArgumentTypeError, as_int  # noqa: F401  (re-exported for this package)
 
 
 def as_float(name: str, value: Any) -> float:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import int_arg
+
 
 @runtime_checkable
 class Dictionary(Protocol):
@@ -149,12 +151,20 @@ class UnitNormSAE(DictionaryModule):
     training hooks that keep decoder rows unit-norm (the gradient along each row removed before the step, rows
     renormalised after it)."""
 
-    def __init__(self, d_in: int, d_sae: int, seed: int | None = 0):
+    config_class: ClassVar[type]  # the subclass's config dataclass
+
+    def __init__(self, cfg: Any, seed: int | None = 0):
+        name = type(self).__name__
+        if not isinstance(cfg, self.config_class):
+            raise ValueError(f"{name}: cfg must be a {self.config_class.__name__}, got {type(cfg).__name__}")
+        if seed is not None:
+            int_arg(name, "seed", seed, minimum=0)
         super().__init__()
-        W_enc, W_dec = tied_unit_init(d_in, d_sae, seed)
+        W_enc, W_dec = tied_unit_init(cfg.d_in, cfg.d_sae, seed)
         self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
-        self.b_enc = nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.cfg = cfg
 
     @torch.no_grad()
     def init_b_dec_(self, sample_ND: Tensor) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..harvest import check_sizes, check_choice, check_int, check_real
+from .._checks import choice_arg, int_arg, real_arg, sizes_arg
 from .io import register_architecture
 from .base import DictionaryModule, check_input
 
@@ -51,7 +51,7 @@ class _Step(torch.autograd.Function):
 
 def binary_step(z: Tensor, estimator: Estimator = "reference") -> Tensor:
     """1[z > 0] with the chosen gradient estimator."""
-    check_choice("binary_step", "estimator", estimator, ("ste", "sigmoid_ste", "reference"))
+    choice_arg("binary_step", "estimator", estimator, ("ste", "sigmoid_ste", "reference"))
     if not isinstance(z, Tensor) or not z.is_floating_point():
         raise ValueError(f"binary_step: z must be a float tensor, got {type(z).__name__} {getattr(z, 'dtype', '')}")
     return _Step.apply(z, estimator)
@@ -64,10 +64,10 @@ class BinaryConfig:
     estimator: Estimator = "reference"
 
     def __post_init__(self):
-        check_sizes("BinaryConfig", d_in=self.d_in, d_sae=self.d_sae)
+        sizes_arg("BinaryConfig", d_in=self.d_in, d_sae=self.d_sae)
         object.__setattr__(self, "d_in", int(self.d_in))
         object.__setattr__(self, "d_sae", int(self.d_sae))
-        check_choice("BinaryConfig", "estimator", self.estimator, ("ste", "sigmoid_ste", "reference"))
+        choice_arg("BinaryConfig", "estimator", self.estimator, ("ste", "sigmoid_ste", "reference"))
 
 
 class BinaryOutput(NamedTuple):
@@ -86,7 +86,7 @@ class BinaryAE(DictionaryModule):
         if not isinstance(cfg, BinaryConfig):
             raise ValueError(f"BinaryAE: cfg must be a BinaryConfig, got {type(cfg).__name__}")
         if seed is not None:
-            check_int("BinaryAE", "seed", seed, minimum=0)
+            int_arg("BinaryAE", "seed", seed, minimum=0)
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -171,11 +171,11 @@ class BinaryObjective:
                  entropy_threshold: float | None = None):
         if not isinstance(bae, nn.Module) or not isinstance(getattr(getattr(bae, "cfg", None), "d_sae", None), int):
             raise ValueError(f"BinaryObjective: bae must be a dictionary module with cfg.d_sae (a BinaryAE), got {type(bae).__name__}")
-        entropy_coef = check_real("BinaryObjective", "entropy_coef", entropy_coef)
-        cov_coef = check_real("BinaryObjective", "cov_coef", cov_coef)
-        entropy_start = check_int("BinaryObjective", "entropy_start", entropy_start, minimum=0)
+        entropy_coef = real_arg("BinaryObjective", "entropy_coef", entropy_coef)
+        cov_coef = real_arg("BinaryObjective", "cov_coef", cov_coef)
+        entropy_start = int_arg("BinaryObjective", "entropy_start", entropy_start, minimum=0)
         if entropy_threshold is not None:
-            entropy_threshold = check_real("BinaryObjective", "entropy_threshold", entropy_threshold)
+            entropy_threshold = real_arg("BinaryObjective", "entropy_threshold", entropy_threshold)
         self.bae, self.entropy_coef, self.cov_coef = bae, entropy_coef, cov_coef
         self.entropy_start, self.entropy_threshold = entropy_start, entropy_threshold
         self.step = 0

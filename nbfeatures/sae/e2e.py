@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import bool_arg, int_arg, real_arg
 from .. import sites
 from ..edits import Splice
-from ..harvest import TokenSource, check_bool, check_int, check_real
+from ..harvest import TokenSource
 from ..train import Callback, TrainConfig, train_sae
 from .relu import ReLUSAE
 
@@ -80,10 +81,10 @@ class E2EObjective:
                  kl_coef: float | None = None, beta: float = 0.0, mask_first: bool = True):
         if kind not in ("local", "e2e", "e2e+ds", "kl+mse"):
             raise ValueError(f"kind must be 'local', 'e2e', 'e2e+ds' or 'kl+mse'; got {kind!r}")
-        l1_coef, beta = check_real("E2EObjective", "l1_coef", l1_coef), check_real("E2EObjective", "beta", beta)
+        l1_coef, beta = real_arg("E2EObjective", "l1_coef", l1_coef), real_arg("E2EObjective", "beta", beta)
         if kl_coef is not None:
-            kl_coef = check_real("E2EObjective", "kl_coef", kl_coef)
-        check_bool("E2EObjective", "mask_first", mask_first)
+            kl_coef = real_arg("E2EObjective", "kl_coef", kl_coef)
+        bool_arg("E2EObjective", "mask_first", mask_first)
         if not isinstance(sae, nn.Module):
             raise ValueError(f"E2EObjective: sae must be a dictionary module (an nn.Module), got {type(sae).__name__}")
         if not isinstance(site, str):
@@ -193,7 +194,7 @@ def nearest_neighbour_cosine(W_dec_FD: Tensor, chunk: int = 4096) -> Tensor:
     if not isinstance(W_dec_FD, Tensor) or W_dec_FD.dim() != 2 or not W_dec_FD.is_floating_point() or len(W_dec_FD) < 2:
         raise ValueError(f"nearest_neighbour_cosine: W_dec must be a float tensor [F, D] with F >= 2, got "
                          f"{type(W_dec_FD).__name__} {list(getattr(W_dec_FD, 'shape', []))}")  # fmt: skip
-    check_int("nearest_neighbour_cosine", "chunk", chunk)
+    int_arg("nearest_neighbour_cosine", "chunk", chunk)
     W = torch.nn.functional.normalize(W_dec_FD.float(), dim=-1)
     out = torch.empty(len(W))
     for i in range(0, len(W), chunk):

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..harvest import check_sizes, check_int, check_real
+from .._checks import int_arg, real_arg, sizes_arg
 from .io import register_architecture
 from .base import FiringTracker, UnitNormSAE, check_input, fvu
 
@@ -28,7 +28,7 @@ class ReLUConfig:
     d_sae: int  # number of latents
 
     def __post_init__(self):
-        check_sizes("ReLUConfig", d_in=self.d_in, d_sae=self.d_sae)
+        sizes_arg("ReLUConfig", d_in=self.d_in, d_sae=self.d_sae)
         object.__setattr__(self, "d_in", int(self.d_in))
         object.__setattr__(self, "d_sae", int(self.d_sae))
 
@@ -44,13 +44,8 @@ class ReLUSAE(UnitNormSAE):
 
     architecture = "standard"
 
-    def __init__(self, cfg: ReLUConfig, seed: int | None = 0):
-        if not isinstance(cfg, ReLUConfig):
-            raise ValueError(f"ReLUSAE: cfg must be a ReLUConfig, got {type(cfg).__name__}")
-        if seed is not None:
-            check_int("ReLUSAE", "seed", seed, minimum=0)
-        super().__init__(cfg.d_in, cfg.d_sae, seed)
-        self.cfg = cfg
+    config_class = ReLUConfig
+    cfg: ReLUConfig
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
@@ -73,8 +68,8 @@ class ReLUObjective:
     def __init__(self, sae: ReLUSAE, l1_coef: float = 1.0, dead_tokens: int = 10_000_000):
         if not isinstance(sae, torch.nn.Module) or not isinstance(getattr(getattr(sae, "cfg", None), "d_sae", None), int):
             raise ValueError(f"ReLUObjective: sae must be a dictionary module with cfg.d_in and cfg.d_sae (a ReLUSAE), got {type(sae).__name__}")
-        l1_coef = check_real("ReLUObjective", "l1_coef", l1_coef)
-        dead_tokens = check_int("ReLUObjective", "dead_tokens", dead_tokens)
+        l1_coef = real_arg("ReLUObjective", "l1_coef", l1_coef)
+        dead_tokens = int_arg("ReLUObjective", "dead_tokens", dead_tokens)
         self.sae, self.l1_coef = sae, l1_coef
         self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
 

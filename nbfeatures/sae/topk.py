@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..harvest import check_sizes, check_bool, check_int, check_real
+from .._checks import bool_arg, int_arg, real_arg, sizes_arg
 from .io import register_architecture
 from .base import FiringTracker, UnitNormSAE, check_input, dense_from_sparse, fvu, gather_pre, sparse_decode
 
@@ -32,7 +32,7 @@ class TopKConfig:
     k: int = 32  # active latents per token
 
     def __post_init__(self):
-        check_sizes("TopKConfig", d_in=self.d_in, d_sae=self.d_sae)
+        sizes_arg("TopKConfig", d_in=self.d_in, d_sae=self.d_sae)
         object.__setattr__(self, "d_in", int(self.d_in))
         object.__setattr__(self, "d_sae", int(self.d_sae))
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or not 0 < self.k <= self.d_sae:
@@ -64,17 +64,12 @@ class TopKSAE(UnitNormSAE):
 
     architecture = "topk"
 
-    def __init__(self, cfg: TopKConfig, seed: int | None = 0):
-        if not isinstance(cfg, TopKConfig):
-            raise ValueError(f"TopKSAE: cfg must be a TopKConfig, got {type(cfg).__name__}")
-        if seed is not None:
-            check_int("TopKSAE", "seed", seed, minimum=0)
-        super().__init__(cfg.d_in, cfg.d_sae, seed)
-        self.cfg = cfg
+    config_class = TopKConfig
+    cfg: TopKConfig
 
     def encode_topk(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending."""
-        k = self.cfg.k if k is None else check_int("TopKSAE.encode_topk", "k", k, maximum=self.cfg.d_sae)
+        k = self.cfg.k if k is None else int_arg("TopKSAE.encode_topk", "k", k, maximum=self.cfg.d_sae)
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
             idx = pre.topk(k, dim=1, sorted=True).indices
@@ -114,12 +109,12 @@ class TopKObjective:
                  dead_tokens: int = 10_000_000, multi_topk: bool = False):
         if not hasattr(sae, "encode_topk") or not isinstance(getattr(sae, "cfg", None), TopKConfig):
             raise ValueError(f"TopKObjective: sae must be a TopKSAE (with encode_topk and a TopKConfig), got {type(sae).__name__}")
-        aux_coef = check_real("TopKObjective", "aux_coef", aux_coef)
-        dead_tokens = check_int("TopKObjective", "dead_tokens", dead_tokens)
-        if check_bool("TopKObjective", "multi_topk", multi_topk) and 4 * sae.cfg.k > sae.cfg.d_sae:
+        aux_coef = real_arg("TopKObjective", "aux_coef", aux_coef)
+        dead_tokens = int_arg("TopKObjective", "dead_tokens", dead_tokens)
+        if bool_arg("TopKObjective", "multi_topk", multi_topk) and 4 * sae.cfg.k > sae.cfg.d_sae:
             raise ValueError(f"TopKObjective: multi_topk needs 4 * k <= d_sae, got k={sae.cfg.k}, d_sae={sae.cfg.d_sae}")
         self.sae, self.aux_coef, self.multi_topk = sae, aux_coef, multi_topk
-        self.k_aux = max(1, sae.cfg.d_in // 2) if k_aux is None else check_int("TopKObjective", "k_aux", k_aux)
+        self.k_aux = max(1, sae.cfg.d_in // 2) if k_aux is None else int_arg("TopKObjective", "k_aux", k_aux)
         self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
