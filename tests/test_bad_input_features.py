@@ -422,3 +422,21 @@ def test_bad_panel_settings_get_a_clear_error_from_our_own_raise(call, exc, patt
     with pytest.raises(exc, match=pattern) as excinfo:
         call()
     assert_raised_by_us(excinfo)
+
+
+def test_hub_names_fail_at_once_when_the_hub_cannot_be_asked(monkeypatch, tmp_path):
+    """A dataset or tokenizer name that is not cached, with HF_HUB_OFFLINE set: a ValueError in seconds, not 24-48 s of retries."""
+    import time
+
+    from conftest import word_tokenizer
+    from nbfeatures.data import token_dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    for call in (lambda: token_dataset("nobody/no-such-dataset", word_tokenizer()),
+                 lambda: token_dataset([str(tmp_path / "x.txt")], "nobody/no-such-tokenizer")):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set, or no network"):
+            (tmp_path / "x.txt").write_text("some text\n")
+            call()
+        assert time.perf_counter() - start < 5

@@ -22,7 +22,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "nbfeatures"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("nbfeatures._checks", "nbfeatures._io", "nbfeatures._versions", "nbfeatures.edits", "nbfeatures.metrics", "nbfeatures.data", "nbfeatures.plots")),
+    ("base", ("nbfeatures._checks", "nbfeatures._hub", "nbfeatures._io", "nbfeatures._versions", "nbfeatures.edits", "nbfeatures.metrics", "nbfeatures.data", "nbfeatures.plots")),
     ("sites", ("nbfeatures.architectures", "nbfeatures.attention_patterns", "nbfeatures.sites")),
     ("zoo", ("nbfeatures.zoo",)),
     ("methods", ("nbfeatures.harvest", "nbfeatures.train", "nbfeatures.sae", "nbfeatures.codebook", "nbfeatures.inversion",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .._hub import cache_only, datasets_offline
 from ._checks import as_int
 from .stories import StoryCorpus
 from .tokfsm import TokFSM
@@ -96,9 +97,7 @@ def token_dataset(
     if tokenizer is None:
         raise ValueError(f"token_dataset({source!r}) needs a tokenizer (an object or a name/path for AutoTokenizer)")
     if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = _tokenizer(str(tokenizer))
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a tokenizer object (callable on a list of texts) or a name/path, got {type(tokenizer).__name__}")
     files = [Path(f) for f in source] if isinstance(source, (list, tuple)) else [Path(source)]
@@ -117,6 +116,13 @@ def token_dataset(
             raw = _load(datasets, kinds.pop(), files, data_files=[str(f) for f in files], split=split, **load_kwargs)
     elif isinstance(source, (list, tuple)) or files[0].suffix.lower() in _BUILDERS:
         raise ValueError(f"files not found: {[str(f) for f in files if not f.exists()]}")
+    elif cache_only():  # no hub to ask: read the cache, and fail at once rather than after tens of seconds of retries
+        try:
+            with datasets_offline():
+                raw = datasets.load_dataset(str(source), split=split, **load_kwargs)
+        except (ConnectionError, FileNotFoundError, OSError) as err:
+            raise ValueError(f"dataset {str(source)!r} is not a local file or folder and not in the local datasets cache, and "
+                             f"the hub cannot be asked (HF_HUB_OFFLINE is set, or no network): {err}") from None  # fmt: skip
     else:
         raw = datasets.load_dataset(str(source), split=split, **load_kwargs)
     if text_column not in raw.column_names:
@@ -151,3 +157,16 @@ def _load(datasets, path: str, files: list[Path], **kwargs):
 
 def _unpad(x_BT: torch.Tensor, lengths: list[int]) -> list[list]:
     return [row[:n] for row, n in zip(x_BT.tolist(), lengths)]
+
+
+def _tokenizer(name: str):
+    """AutoTokenizer for a folder or hub id; with no hub to ask, from the cache only, failing at once."""
+    from transformers import AutoTokenizer
+
+    if Path(name).expanduser().exists() or not cache_only():
+        return AutoTokenizer.from_pretrained(name)
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except OSError as err:
+        raise ValueError(f"tokenizer {name!r} is not a local folder and not in the local hub cache, and the hub cannot be "
+                         f"asked (HF_HUB_OFFLINE is set, or no network); pass a tokenizer object or a folder: {err}") from None

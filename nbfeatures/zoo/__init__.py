@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import sites
+from .._hub import hub_offline, hub_reachable
 
 ZOO_DIR = Path(__file__).parent
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -70,7 +71,6 @@ def card(name_or_folder: str | os.PathLike) -> dict:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
-_TRUE = ("1", "ON", "YES", "TRUE")
 
 
 def load_pretrained(name_or_path: str | os.PathLike, device=None):
@@ -137,44 +137,6 @@ def _present(folder, names) -> list[str]:
     return [f for f in names if isinstance(folder, Path) and (folder / f).is_file()]
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says now, or as huggingface_hub read it at import."""
-    if any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether the hub's host accepts a connection within `timeout` s (DNS included, so a thread bounds it)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    try:
-        from huggingface_hub import constants
-
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    except ImportError:
-        host = "huggingface.co"
-    ok = []
-
-    def probe():
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok)
-
-
 def _hub_local_only(name: str) -> bool:
     """True when the hub id must be read from the local cache; raises at once when it is not there and the hub
     cannot be asked (HF_HUB_OFFLINE set, or no network), rather than after tens of seconds of retries."""
@@ -185,14 +147,14 @@ def _hub_local_only(name: str) -> bool:
     except ValueError as err:  # HFValidationError: not even the shape of a hub id
         raise ValueError(f"{name!r} is not a zoo model (available: {available()}), a local folder, or a hub id "
                          f"('owner/name'): {err}") from err  # fmt: skip
-    offline = _hub_offline()
+    offline = hub_offline()
     if cached:
-        return offline or not _hub_reachable()
+        return offline or not hub_reachable()
     if offline:
         raise ValueError(f"{name!r} is not a zoo model (available: {available()}), not a local folder, and not in the "
                          f"local hub cache; HF_HUB_OFFLINE is set, so the hub is not asked (unset HF_HUB_OFFLINE to "
                          f"download it, or pass a zoo name or a model folder)")  # fmt: skip
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ValueError(f"{name!r} is not a zoo model (available: {available()}), not a local folder, and not in the "
                          f"local hub cache, and the hub cannot be reached (no network); set HF_HUB_OFFLINE=1 to work "
                          f"from the cache, or pass a zoo name or a model folder")  # fmt: skip
