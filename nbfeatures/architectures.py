@@ -292,7 +292,6 @@ def _n_heads(module: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- execution order
 
-_nothing = contextlib.nullcontext
 
 _ORDER: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], float]]" = weakref.WeakKeyDictionary()
 
@@ -327,7 +326,7 @@ def _measured_order(module: nn.Module) -> dict[tuple[str, str], float] | None:
         handles.append(mod.register_forward_pre_hook(lambda *_, n=name: note((n, "input"))))
         handles.append(mod.register_forward_hook(lambda *_, n=name: note((n, "output"))))
     try:
-        with torch.no_grad(), (patterns_on(module) if with_patterns else _nothing()):
+        with torch.no_grad(), (patterns_on(module) if with_patterns else contextlib.nullcontext()):
             ids = torch.zeros(1, 2, dtype=torch.long, device=next(module.parameters()).device)
             module(ids) if type(module).__name__ == "HookedTransformer" else module(input_ids=ids)
     except Exception:  # not a language model we can call with token ids: fall back to the module tree

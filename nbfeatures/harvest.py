@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import numbers
 import os
 import pathlib
@@ -34,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import sites as _sites
-from ._checks import bool_arg, choice_arg, int_arg, real_arg, sizes_arg
+from ._checks import bool_arg, int_arg
 from ._io import load_json, save_json, write_atomic
 
 

@@ -29,6 +29,7 @@ from nnsight.modeling.transformers import TransformersModel
 from torch import Tensor, nn
 
 from . import architectures
+from ._checks import as_int
 from .architectures import Site, attach_pattern_modules, patterns_on
 from .edits import Edit, check_positions, position_mask
 
@@ -337,8 +338,7 @@ def generate(
     """
     if tokenizer_of(model) is None:
         raise ValueError("generation needs a causal LM wrapped with its tokenizer: wrap(model, tokenizer=...)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    as_int("max_new_tokens", max_new_tokens, 1)
     events = _plan(model, list(read), list(edits))
     enc = _encode(model, inputs)
     prompt_len = enc["input_ids"].shape[1]

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Literal, Protocol, Sequence
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import bool_arg, choice_arg, int_arg, real_arg
-from ._io import load_json, load_tensors, save_json, save_tensors
+from ._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from .harvest import TensorSource, _ShardedTable
 
 Callback = Callable[[int, dict], Any]
@@ -139,45 +138,48 @@ def train(module: nn.Module, source: Any, cfg: TrainConfig, objective: Objective
         if latest is not None:
             start, history, smooth = load_checkpoint(latest, module, opt, objective, cfg, data=data)
     module.train()
-    device = next(module.parameters()).device
-    elapsed0 = history[-1]["elapsed_s"] if history else 0.0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=desc)
-    t0 = time.perf_counter()
-    for step in bar:
-        extra = objective.before_step_(step) if hasattr(objective, "before_step_") else None
-        batch = _to(source.batch(step), device)
-        first = batch[0] if isinstance(batch, tuple) else batch
-        if isinstance(first, Tensor) and first.is_floating_point() and not torch.isfinite(first).all():
-            raise ValueError(f"step {step}: the batch contains non-finite values (NaN or inf)")
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(cfg, step)
-        loss, logs = objective(batch)
-        if not math.isfinite(loss.item()):
-            raise ValueError(f"step {step}: loss is {loss.item()}; lower the learning rate or check the data")
-        opt.zero_grad(set_to_none=True)
-        # not loss.backward(): importing nnsight patches Tensor.backward to look for a `with` block first
-        torch.autograd.backward(loss)
-        if hasattr(module, "before_step_"):
-            module.before_step_()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-        opt.step()
-        if hasattr(module, "after_step_"):
-            module.after_step_()
-        if hasattr(objective, "after_step_"):
-            objective.after_step_(step + 1)
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        if extra or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "tokens": (step + 1) * _batch_items(batch),
-                   "elapsed_s": elapsed0 + time.perf_counter() - t0, "smooth_loss": smooth, **logs, **(extra or {})}  # fmt: skip
-            history.append(row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "fvu", "l0", "dead_fraction")})
-            for cb in callbacks:
-                cb(step + 1, row)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(ckpt_dir, step + 1, module, opt, objective, history, cfg, smooth, data)
-    bar.close()
-    module.eval()
+    try:
+        device = next(module.parameters()).device
+        elapsed0 = history[-1]["elapsed_s"] if history else 0.0
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=desc)
+        t0 = time.perf_counter()
+        for step in bar:
+            extra = objective.before_step_(step) if hasattr(objective, "before_step_") else None
+            batch = _to(source.batch(step), device)
+            first = batch[0] if isinstance(batch, tuple) else batch
+            if isinstance(first, Tensor) and first.is_floating_point() and not torch.isfinite(first).all():
+                raise ValueError(f"step {step}: the batch contains non-finite values (NaN or inf)")
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(cfg, step)
+            loss, logs = objective(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise ValueError(f"step {step}: loss is {value}; lower the learning rate or check the data")
+            opt.zero_grad(set_to_none=True)
+            # not loss.backward(): importing nnsight patches Tensor.backward to look for a `with` block first
+            torch.autograd.backward(loss)
+            if hasattr(module, "before_step_"):
+                module.before_step_()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            if hasattr(module, "after_step_"):
+                module.after_step_()
+            if hasattr(objective, "after_step_"):
+                objective.after_step_(step + 1)
+            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
+            if extra or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "tokens": (step + 1) * _batch_items(batch),
+                       "elapsed_s": elapsed0 + time.perf_counter() - t0, "smooth_loss": smooth, **logs, **(extra or {})}  # fmt: skip
+                history.append(row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "fvu", "l0", "dead_fraction")})
+                for cb in callbacks:
+                    cb(step + 1, row)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(ckpt_dir, step + 1, module, opt, objective, history, cfg, smooth, data)
+        bar.close()
+    finally:  # an interrupted run (an error, Ctrl-C) leaves the module in eval mode too
+        module.eval()
     if ckpt_dir is not None and start < cfg.steps:
         save_checkpoint(ckpt_dir, cfg.steps, module, opt, objective, history, cfg, smooth, data)
     return pd.DataFrame(history)
@@ -223,7 +225,8 @@ def _check_activations(what: str, acts: Any, d_in: int | None, check_finite: boo
         raise ValueError(f"{what} has width {shape[1]} (shape {shape}) but the dictionary has d_in={d_in}; "
                          f"pass activations [N, {d_in}] or build the dictionary with d_in={shape[1]}")  # fmt: skip
     if check_finite and not isinstance(acts, _ShardedTable):
-        bad = ~torch.isfinite(torch.as_tensor(acts)).all(1)
+        table = torch.as_tensor(acts)
+        bad = torch.cat([~torch.isfinite(chunk).all(1) for chunk in table.split(1 << 16)])  # chunks: no [N, D] mask
         if bool(bad.any()):
             rows = bad.nonzero().flatten()
             raise ValueError(f"{what} has non-finite values (NaN or inf) in {len(rows)} row(s) (first: row {int(rows[0])}); "
@@ -315,18 +318,14 @@ def _configs(module: nn.Module, objective: Any, cfg: TrainConfig) -> dict:
 def save_checkpoint(ckpt_dir: pathlib.Path, step: int, module: nn.Module, opt: torch.optim.Optimizer, objective: Any,
                     history: list[dict], cfg: TrainConfig, smooth: float | None = None, data: dict | None = None) -> pathlib.Path:  # fmt: skip
     final = ckpt_dir / f"step_{step:08d}"
-    tmp = ckpt_dir / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_tensors(tmp / "dictionary.safetensors", module.state_dict())
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
-    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-    if hasattr(objective, "state_dict"):
-        save_tensors(tmp / "objective.safetensors", objective.state_dict())
-    save_json(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta, "history": history, "smooth_loss": smooth,
-                                           "config": asdict(cfg), **_configs(module, objective, cfg), "data": data})  # fmt: skip
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a directory rename is atomic: the checkpoint appears whole or not at all
+    with atomic_folder(final) as tmp:  # the checkpoint appears whole or not at all (never named step_* half-written)
+        save_tensors(tmp / "dictionary.safetensors", module.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer(opt)
+        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        if hasattr(objective, "state_dict"):
+            save_tensors(tmp / "objective.safetensors", objective.state_dict())
+        save_json(tmp / "trainer_state.json", {"step": step, "optimizer": opt_meta, "history": history, "smooth_loss": smooth,
+                                               "config": asdict(cfg), **_configs(module, objective, cfg), "data": data})  # fmt: skip
     return final
 
 
@@ -357,15 +356,21 @@ def load_checkpoint(path: pathlib.Path, module: nn.Module, opt: torch.optim.Opti
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:
         raise ValueError(f"{path}: checkpoint tensors {got} do not match the module's {expected}")
-    module.load_state_dict(tensors)
+    # read every file before touching anything, and put the module back if a state does not fit: a refused resume
+    # leaves the module as it was
+    opt_file = path / "optimizer.safetensors"
+    opt_state = _unflatten_optimizer(load_tensors(opt_file), state["optimizer"])
+    has_objective_state = hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists()
+    objective_state = load_tensors(path / "objective.safetensors") if has_objective_state else None
+    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
     try:
-        opt.load_state_dict(_unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
+        module.load_state_dict(tensors)
+        opt.load_state_dict(opt_state)
+        if objective_state is not None:
+            objective.load_state_dict(objective_state)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        if isinstance(e, ValueError) and str(e).startswith(str(path)):
-            raise
-        raise ValueError(f"{path}/optimizer.safetensors: the optimizer state does not fit this module's parameters: {e}") from None
-    if hasattr(objective, "load_state_dict") and (path / "objective.safetensors").exists():
-        objective.load_state_dict(load_tensors(path / "objective.safetensors"))
+        module.load_state_dict(before)
+        raise ValueError(f"{opt_file}: the optimizer or objective state does not fit this run: {e}") from None
     return state["step"], list(state["history"]), state.get("smooth_loss")
 
 

@@ -91,6 +91,7 @@ def test_online_downloads_what_the_cache_lacks(tmp_path, monkeypatch):
 
     hub = tmp_path / "hub"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("nbfeatures.sae.pretrained.cache_only", lambda: False)  # as if the hub were reachable
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     calls = []

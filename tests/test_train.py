@@ -146,3 +146,22 @@ def test_tensor_source_is_deterministic_and_covers_each_epoch():
     assert sorted(epoch.flatten().tolist()) == list(range(40))
     assert torch.equal(b.batch(3), a.batch(3)) and torch.equal(a.batch(7), TensorSource(acts, 8, seed=1).batch(7))
     assert not torch.equal(a.batch(5), a.batch(0))
+
+
+def test_an_interrupted_run_ends_in_eval_mode_and_a_refused_resume_leaves_the_module_alone(tmp_path):
+    x, _ = planted(n=1024, seed=9)
+    sae = TopKSAE(TopKConfig(32, 64, 3))
+
+    def stop(step, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(sae, x, TrainConfig(steps=20, batch_size=128, log_every=5), callbacks=[stop], progress=False)
+    assert not sae.training
+    train_sae(TopKSAE(TopKConfig(32, 64, 3)), x, TrainConfig(steps=5, batch_size=128, checkpoint_dir=str(tmp_path)), progress=False)
+    (latest_checkpoint(tmp_path) / "optimizer.safetensors").write_bytes(b"\x00" * 10)
+    fresh = TopKSAE(TopKConfig(32, 64, 3), seed=7)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="optimizer.safetensors"):
+        train_sae(fresh, x, TrainConfig(steps=9, batch_size=128, checkpoint_dir=str(tmp_path)), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

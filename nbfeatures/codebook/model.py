@@ -14,7 +14,6 @@ Dimension key: B sequences, T positions, G groups (heads), K codes per token, C 
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import pathlib
@@ -29,6 +28,7 @@ from .. import sites, zoo
 from .._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from ..edits import Positions, Splice
 from .layer import CodebookLayer, codebook_mse
+from .._checks import check_number
 from .search import IVFConfig, check_int
 
 
@@ -260,14 +260,8 @@ class CodebookTrainConfig:
 
     def __post_init__(self):
         for name in ("mse_coef", "model_lr_factor", "replace_noise"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"CodebookTrainConfig.{name} must be a finite number >= 0, got {type(v).__name__} {v!r}")
-            if not math.isfinite(v):
-                raise ValueError(f"CodebookTrainConfig.{name} must be a finite number >= 0, got {v}")
+            check_number(f"CodebookTrainConfig.{name}", getattr(self, name), 0)
         check_int("CodebookTrainConfig.replace_after", self.replace_after, 0)
-        if not (self.mse_coef >= 0 and self.model_lr_factor >= 0 and self.replace_after >= 0 and self.replace_noise >= 0):
-            raise ValueError(f"CodebookTrainConfig fields must all be >= 0; got {self}")
 
 
 class CodebookObjective:

@@ -10,7 +10,7 @@ Dimension key: N tokens, G groups (heads), E width per group, C codes, K codes c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

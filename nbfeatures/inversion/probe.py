@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import sites as S
-from .._checks import check_int, check_number
+from .._checks import check_int
 
 
 METRICS = ("euclidean", "cosine")

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .. import sites as S
 from .decoder import InversionDecoder
-from .probe import METRICS, FeatureSite, _shape, check_int, check_number, distance, real_positions, site_acts, site_name
+from .._checks import check_int, check_number
+from .probe import METRICS, FeatureSite, _shape, distance, real_positions, site_acts, site_name
 
 
 class InversionSamples(NamedTuple):

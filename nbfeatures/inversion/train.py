@@ -50,10 +50,8 @@ class RebalanceConfig:
         for name, minimum in (("eval_every", 0), ("eval_queries", 1), ("eval_samples", 1)):
             object.__setattr__(self, name, int_arg("RebalanceConfig", name, getattr(self, name), minimum))
         object.__setattr__(self, "epsilon", real_arg("RebalanceConfig", "epsilon", self.epsilon, strict=True))
-        if self.rebalance < 0 or self.eval_every < 0 or (self.rebalance > 0 and self.eval_every == 0):
+        if self.rebalance > 0 and self.eval_every == 0:  # the ranges themselves were checked just above
             raise ValueError(f"rebalance must be >= 0 and needs eval_every >= 1; got rebalance={self.rebalance}, eval_every={self.eval_every}")
-        if self.eval_queries < 1 or self.eval_samples < 1 or not self.epsilon > 0:
-            raise ValueError(f"need eval_queries >= 1, eval_samples >= 1 and epsilon > 0; got {self}")
 
 
 class DecoderObjective:

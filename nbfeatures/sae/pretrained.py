@@ -22,6 +22,8 @@ import pathlib
 import re
 from typing import NamedTuple
 
+from .._hub import cache_only
+
 # files of one SAE, per SAELens conversion_func, relative to the SAE's folder in the repo
 FILES = {
     "sae_lens": ("cfg.json", "sae_weights.safetensors"),
@@ -117,12 +119,6 @@ def hub_cache(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(constants.HF_HUB_CACHE)
 
 
-def offline() -> bool:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
-
-
 def _cached_file(repo_id: str, filename: str, cache_dir) -> pathlib.Path:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
@@ -130,10 +126,10 @@ def _cached_file(repo_id: str, filename: str, cache_dir) -> pathlib.Path:
     hit = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache))  # reads refs/main, then snapshots/<rev>/
     if isinstance(hit, str):
         return pathlib.Path(hit)
-    if offline():
-        raise ValueError(f"{repo_id}: {filename} is not in the Hugging Face cache at {cache}, and HF_HUB_OFFLINE=1 forbids "
-                         f"downloading it. Download it where there is network (hf download {repo_id} {filename}) "
-                         "or point HF_HUB_CACHE at a cache that has it.")  # fmt: skip
+    if cache_only():  # HF_HUB_OFFLINE, or no network: fail now rather than after the download's retries
+        raise ValueError(f"{repo_id}: {filename} is not in the Hugging Face cache at {cache}, and the hub cannot be asked "
+                         f"(HF_HUB_OFFLINE=1 is set, or no network). Download it where there is network "
+                         f"(hf download {repo_id} {filename}) or point HF_HUB_CACHE at a cache that has it.")  # fmt: skip
     try:
         return pathlib.Path(hf_hub_download(repo_id, filename, cache_dir=str(cache)))
     except Exception as e:  # network, auth, missing entry: all mean "not available", said once with the cause
