@@ -82,7 +82,7 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iter
     (e.g. a base model's codebooks/, a card.json) move from the old folder into the new one unless rewritten."""
     folder = pathlib.Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = folder.with_name(f".tmp_{folder.name}"), folder.with_name(f".old_{folder.name}")
+    tmp = folder.with_name(f".tmp_{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -90,11 +90,18 @@ def atomic_folder(folder: str | os.PathLike, keep: tuple[str, ...] = ()) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
     for name in keep:
         if (folder / name).exists() and not (tmp / name).exists():
             os.replace(folder / name, tmp / name)
+    replace_folder(tmp, folder)
+
+
+def replace_folder(new: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rename the finished folder `new` to `folder`; an old `folder` is moved aside first and deleted last."""
+    new, folder = pathlib.Path(new), pathlib.Path(folder)
+    old = folder.with_name(f".old_{folder.name}")
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
-    os.replace(tmp, folder)
+    os.replace(new, folder)
     shutil.rmtree(old, ignore_errors=True)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import sites as _sites
 from ._checks import bool_arg, int_arg
-from ._io import load_json, save_json, write_atomic
+from ._io import load_json, replace_folder, save_json, write_atomic
 
 
 # ----------------------------------------------------------------------------- token sources
@@ -294,7 +294,7 @@ def harvest(model: _sites.Model, tokens: Any, sites: str | Sequence[str], *, n_t
         return ActivationCache({s: torch.cat(kept[s]) for s in sites})
     save_json(partial / "manifest.json", {"sites": sites, "n_tokens": total, "files": kept, "dtype": params["dtype"], "params": params})
     (partial / "progress.json").unlink()
-    _replace_folder(partial, folder)
+    replace_folder(partial, folder)
     return ActivationCache.open(folder)
 
 
@@ -346,16 +346,6 @@ def _pending_harvest(partial: pathlib.Path, params: dict) -> dict | None:
         for f in names:
             _open_shard(partial, f, stored)
     return state
-
-
-def _replace_folder(partial: pathlib.Path, folder: pathlib.Path) -> None:
-    """Rename the finished harvest into place; the old folder is moved aside first and deleted last."""
-    old = folder.with_name(f".old_{folder.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _safe(site: str) -> str:
