@@ -10,7 +10,7 @@ STAMP   = $(VENV)/.installed-$(EXTRAS)
 # Playwright drives Debian's chromium (`make chromium`); it must never download a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: install lab notebooks chromium test test-browser test-fast bench clean
+.PHONY: install lab notebooks chromium test test-browser screenshots test-fast bench clean course
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -24,13 +24,19 @@ $(STAMP): pyproject.toml Makefile
 LAB_ARGS ?=
 ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: install
-	cd notebooks && ../$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) 00_quickstart.ipynb
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) notebooks/00_quickstart.ipynb  # the file browser shows notebooks/ and course/
 
 # The tutorials are jupytext pairs: notebooks/NN_name.py (percent format) and NN_name.ipynb. Edit either, then
 # sync; jupytext keeps the cells of the file modified last (and the .ipynb's cell ids). tests/test_notebooks_sync.py
 # fails while a pair differs.
 notebooks: install
 	$(VENV)/bin/jupytext --sync notebooks/*.ipynb
+
+# The course: each master course/masters/NN_name.py (jupytext percent, cells tagged stub / solution / hint / check)
+# renders to course/student/NN_name.ipynb (stubs; hints and solutions folded) and course/solutions/NN_name.ipynb.
+# tests/test_course_render.py fails while a render is stale, and runs both renders.
+course: install
+	$(PY) dev/render_course.py
 
 # Debian's chromium for the browser tests: installed with apt-get when missing and we are root.
 chromium:
@@ -49,12 +55,19 @@ chromium:
 # run in JupyterLab in headless Chromium (tests/browser, see README "Browser tests").
 test: install chromium
 	$(PY) -m pytest tests --ignore=tests/browser
-	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks
+	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks course/solutions
 	$(PY) -m pytest tests/browser -m browser
 
 # Only the browser suite; screenshots land in .pytest_cache/browser/ (listed at the end of the run).
 test-browser: install chromium
 	$(PY) -m pytest tests/browser -m browser
+
+# A PNG of every notebook and panel fixture as a 1280 px wide browser window shows it: SHOTS/<notebook>/page.png (the
+# whole notebook after Run All) and SHOTS/<notebook>/cellNN-K.png (cell NN's Kth output: each widget, plot, HTML).
+# It runs each notebook in JupyterLab as the browser suite does, with only its render check.
+SHOTS ?= screenshots
+screenshots: install chromium
+	$(PY) -m pytest tests/browser -m browser -k test_panels_render --browser-screenshots=$(SHOTS) -q
 
 test-fast: install
 	$(PY) -m pytest tests --ignore=tests/browser -x -q

@@ -16,10 +16,12 @@ from .edits import Ablate, Edit, Splice, Steer, Transcode, as_dictionary, decode
 from .evals import compare_density, evaluate_sae
 from .features import FeatureSummary, summarize_features
 from .harvest import TokenSource, harvest
+from .prompt_features import PromptFeatures, prompt_features, prompt_features_fn
 from .sites import GenerateOutput, Model, RunOutput, generate, read_acts, resolve, run, site_names, tokenizer_of, unwrap
 from .steering import steering_fn, token_strings
 from .train import TrainConfig, train_sae
 from .widgets import FeatureGallery, FSMPanel, InversionPanel, LiveCurves, SteeringPanel
+from .widgets import PromptView
 from .zoo import load_model, wrap
 
 __all__ = [
@@ -31,5 +33,6 @@ __all__ = [
     "summarize_features", "FeatureSummary", "steering_fn", "token_strings",
     "CodebookModel", "load_codebook_model", "ForceCodes", "BlockCodes", "PatchCodes",
     "FeatureGallery", "FSMPanel", "InversionPanel", "LiveCurves", "SteeringPanel",
+    "PromptView", "prompt_features", "prompt_features_fn", "PromptFeatures",
     "codebook", "data", "inversion", "metrics", "plots", "sae", "widgets", "zoo",
 ]  # fmt: skip

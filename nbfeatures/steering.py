@@ -9,6 +9,11 @@
 and every generated token; None steers every position. `edits_fn` takes any edits
 (a codebook's forced code, an ablation), built per (feature, strength).
 
+The callable `steering_fn` returns also tells a panel what it needs to know about the directions, without a
+model: `fn.act_norm`, the site's typical activation norm (the median over a short sample), which sets the
+strength slider's range, and `fn.promoted(f)`, the tokens direction f promotes through the unembedding,
+which names a feature that has no name.
+
 Dimension key: F features, D width at the site, V vocab.
 """
 
@@ -20,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import sites
+from ._checks import as_int
 from .edits import Edit, Positions, Steer, decoder_rows, position_mask
 
 
@@ -40,6 +46,53 @@ def token_strings(model: sites.Model) -> list[str]:
     head = sites.unwrap(model).get_output_embeddings() if hasattr(sites.unwrap(model), "get_output_embeddings") else None
     V = head.weight.shape[0] if head is not None else len(tok)
     return [tok.decode([i]) if i < len(tok) else f"<{i}>" for i in range(V)]
+
+
+def promoted_tokens(model: sites.Model, directions: Tensor, k: int = 5) -> Callable[[int], list[str]] | None:
+    """promoted(f): the k tokens whose logits `directions[f] @ W_U` raises most, decoded; computed per feature when asked.
+
+    directions: [F, D] rows at a site of the residual stream's width D (W_U is [D, V], the model's output embedding).
+    None when the model has no output embedding of width D (e.g. an MLP site of another width): nothing to project on.
+    """
+    k = as_int("k", k, 1)
+    if not isinstance(directions, Tensor) or directions.dim() != 2:
+        raise ValueError(f"directions must be a tensor [F, D]; got {type(directions).__name__} "
+                         f"{list(directions.shape) if isinstance(directions, Tensor) else ''}")
+    tok, module = sites.tokenizer_of(model), sites.unwrap(model)
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    W_U_VD = getattr(head, "weight", None)
+    if tok is None or W_U_VD is None or W_U_VD.dim() != 2 or W_U_VD.shape[1] != directions.shape[1]:
+        return None
+    cache: dict[int, list[str]] = {}
+
+    def promoted(feature: int) -> list[str]:
+        f = int(feature)
+        if not 0 <= f < len(directions):
+            raise ValueError(f"feature {f} is out of range: directions has {len(directions)} rows (0..{len(directions) - 1})")
+        if f not in cache:
+            with torch.no_grad():
+                logits_V = W_U_VD.detach() @ directions[f].to(W_U_VD.device, W_U_VD.dtype)
+                ids = logits_V.float().topk(min(k, len(logits_V))).indices.tolist()
+            cache[f] = [tok.decode([i]) if i < len(tok) else f"<{i}>" for i in ids]
+        return cache[f]
+
+    return promoted
+
+
+def act_norm(model: sites.Model, site: str, sample: str | Tensor | None = None) -> float:
+    """The median L2 norm of the activation at `site` over the positions of `sample` (the first left out: BOS
+    positions are outliers); sample: text or token ids, default 32 pseudo-random tokens (seed 0)."""
+    if sample is None:
+        vocab, context = sites.limits(model)
+        vocab = vocab or len(sites.tokenizer_of(model) or ())
+        if not vocab:
+            raise ValueError("act_norm needs a sample (text or token ids): the model states no vocabulary size")
+        n = min(33, context or 33)
+        sample = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    acts = sites.read_acts(model, sample, site)[site].detach().float()  # [B, T, D] or [B, T, H, E]
+    if acts.dim() >= 3 and acts.shape[1] > 1:
+        acts = acts[:, 1:]
+    return float(acts.flatten(2).norm(dim=-1).median() if acts.dim() >= 3 else acts.norm(dim=-1).median())
 
 
 def edits_fn(model: sites.Model, make_edits: Callable[[int, float], Sequence[Edit]], *,
@@ -81,11 +134,15 @@ def edits_fn(model: sites.Model, make_edits: Callable[[int, float], Sequence[Edi
 
 
 def steering_fn(model: sites.Model, site: str, directions: Tensor | Any, *, positions: Positions = slice(-1, None),
-                max_new_tokens: int = 20, **generate_kwargs) -> Callable[[str, int | None, float], SteeringOutput]:
+                max_new_tokens: int = 20, k_promoted: int = 5, sample: str | Tensor | None = None,
+                **generate_kwargs) -> Callable[[str, int | None, float], SteeringOutput]:
     """fn(prompt, feature, strength): generate with `strength * directions[feature]` added at `site`.
 
     directions: [F, D], e.g. an SAE's W_dec (rows are feature directions), or [D] for one vector (feature 0); a
     [D, F] matrix or a dictionary with `.W_dec` (ours, SAELens, sparsify) is turned into rows by matching the site's D.
+    The callable carries `fn.act_norm` (`act_norm(model, site, sample)`, measured now) and `fn.promoted`
+    (`promoted_tokens(model, directions, k_promoted)`: feature -> its top promoted tokens, or None), which
+    SteeringPanel reads for its strength range and its feature labels.
     """
     if not isinstance(site, str):
         raise TypeError(f"site must be a site name (str), e.g. 'blocks.1.hook_resid_post'; got {type(site).__name__}")
@@ -106,4 +163,7 @@ def steering_fn(model: sites.Model, site: str, directions: Tensor | Any, *, posi
             raise ValueError(f"feature {feature} is out of range: directions has {len(directions)} rows (0..{len(directions) - 1})")
         return [Steer(site, directions[feature], coef=strength, positions=positions)]
 
-    return edits_fn(model, make, positions=positions, max_new_tokens=max_new_tokens, **generate_kwargs)
+    fn = edits_fn(model, make, positions=positions, max_new_tokens=max_new_tokens, **generate_kwargs)
+    fn.act_norm = act_norm(model, site, sample)
+    fn.promoted = promoted_tokens(model, directions, k_promoted)
+    return fn

@@ -164,6 +164,23 @@ panel.generate_button.click()
 panel
 
 # %% [markdown]
+# Read a prompt of your own through the SAE: which latents fire on each token, strongest first (hover a token for its list). Step through the tokens with `token`, and pick a latent in the list to open its gallery card. The panel calls `read(prompt)`, which runs the model up to the site and encodes with the SAE; it never sees the model. With `k = 16`, the SAE's own k, every latent that fires is listed.
+
+# %%
+read = nbf.prompt_features_fn(model, SITE, sae, k=sae.cfg.k)
+prompt_view = nbf.PromptView(read, card=summary, prompt="One day in June , Tom was happy and then sad .")
+prompt_view
+
+# %% [markdown]
+# The sentiment latents chosen above on held-out stories fire on this new prompt's sentiment words:
+
+# %%
+pf = prompt_view.result
+fires_on = {w: set(pf.ids[pf.tokens.index(w)].tolist()) for w in ("happy", "sad")}
+sentiment = {c: int(concepts.loc[c, "latent"]) for c in ("positive", "negative")}
+pd.DataFrame({w: {c: f in fired for c, f in sentiment.items()} for w, fired in fires_on.items()})
+
+# %% [markdown]
 # What this notebook showed, checked:
 
 # %%
@@ -174,3 +191,4 @@ assert fit["d_sae"] < -0.05 and fit["k"] < -0.2 and fit["r2"] > 0.9, fit  # wide
 assert concepts.f1.mean() > baseline.f1.mean() + 0.08, (concepts.f1.mean(), baseline.f1.mean())
 assert concepts.f1.max() > 0.7, concepts
 assert gallery.cards.value and len(curves.history["fvu"]) == len(history)
+assert sentiment["positive"] in fires_on["happy"] and sentiment["negative"] in fires_on["sad"], (sentiment, fires_on)

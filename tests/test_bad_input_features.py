@@ -401,7 +401,7 @@ def _steer(prompt, feature, strength):
 PANEL_CASES = [
     ("steering k 0", lambda: SteeringPanel(_steer, V, 3, k=0), ValueError, r"k must be an int >= 1"),
     ("steering feature past names", lambda: SteeringPanel(_steer, V, 3, feature=5), ValueError, r"feature 5 is not among the 3 named features \(ids 0..2\)"),
-    ("steering strength past max", lambda: SteeringPanel(_steer, V, 3, strength=50), ValueError, r"\|strength\| <= max_strength"),
+    ("steering strength past max", lambda: SteeringPanel(_steer, V, 3, strength=50, max_strength=20), ValueError, r"\|strength\| <= max_strength"),
     ("steering generate", lambda: SteeringPanel("gpt2", V, 3), TypeError, r"generate must be a callable"),
     ("gallery max_rows 0", lambda: FeatureGallery(summary(), max_rows=0), ValueError, r"max_rows must be an int >= 1"),
     ("inversion site unknown", lambda: InversionPanel(lambda *a: None, lambda q: ["<s>"], ["s"], site="t"), ValueError, r"site 't' is not among the sites \['s'\]"),

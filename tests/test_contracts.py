@@ -16,8 +16,9 @@ from nbfeatures.codebook import (BlockCodes, CodebookConfig, CodebookLayer, Code
                                  ForceCodes, PatchCodes)
 from nbfeatures.edits import Ablate, Edit, Splice, Steer
 from nbfeatures.harvest import TokenSource
-from nbfeatures.sae import (BinaryAE, BinaryConfig, BinaryObjective, Dictionary, ReLUConfig, ReLUObjective, ReLUSAE, TopKConfig,
-                            TopKObjective, TopKSAE, load_sae, save_sae)
+from nbfeatures.sae import (BatchTopKConfig, BatchTopKObjective, BatchTopKSAE, BinaryAE, BinaryConfig, BinaryObjective, Dictionary,
+                            JumpReLUConfig, JumpReLUObjective, JumpReLUSAE, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaSAE,
+                            ReLUConfig, ReLUObjective, ReLUSAE, TopKConfig, TopKObjective, TopKSAE, load_sae, save_sae)
 from nbfeatures.sae.base import DictionaryModule
 from nbfeatures.sae.io import ARCHITECTURES
 from nbfeatures.train import TrainConfig, latest_checkpoint, lr_factor, train, train_sae
@@ -114,7 +115,7 @@ def test_resume_refuses_another_objective_or_training_config_and_allows_more_ste
 
 # ----------------------------------------------------------------------------- the Dictionary and Edit protocols
 
-CONFIGS = {"topk": dict(k=4)}  # fields without defaults, per architecture
+CONFIGS = {"topk": dict(k=4), "batchtopk": dict(k=4), "matryoshka_batchtopk": dict(k=4)}  # k <= d_sae = 16, per architecture
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -134,7 +135,8 @@ def test_every_registered_dictionary_obeys_the_contract_and_round_trips(arch, tm
 
 def test_the_shipped_dictionaries_and_their_default_objectives():
     pairs = [(TopKSAE(TopKConfig(8, 16, 4)), TopKObjective), (ReLUSAE(ReLUConfig(8, 16)), ReLUObjective),
-             (BinaryAE(BinaryConfig(8, 16)), BinaryObjective)]
+             (BinaryAE(BinaryConfig(8, 16)), BinaryObjective), (BatchTopKSAE(BatchTopKConfig(8, 16, 4)), BatchTopKObjective),
+             (JumpReLUSAE(JumpReLUConfig(8, 16)), JumpReLUObjective), (MatryoshkaSAE(MatryoshkaConfig(8, 16, 4)), MatryoshkaObjective)]
     assert {type(sae).architecture for sae, _ in pairs} == set(ARCHITECTURES)
     for sae, objective in pairs:
         assert isinstance(sae, Dictionary) and type(sae.default_objective()) is objective

@@ -1,6 +1,7 @@
 """Figures are pure functions: check the traces and layout they return."""
 
 import math
+import re
 
 import numpy as np
 import plotly.graph_objects as go
@@ -8,8 +9,11 @@ import pytest
 
 from nbfeatures.plots import (
     activation_histogram, card_html, contexts_html, curves, default_panels, describe_steered, ema, feature_overview,
-    generation_html, next_token_bars, output_tokens_bar, shaded_tokens, training_curves, unique_labels,
+    generation_html, inversion_samples, next_token_bars, output_tokens_bar, query_html, shaded_tokens, show_token,
+    training_curves, unique_labels,
 )
+from nbfeatures.plots.bars import activation_histogram_spec, output_tokens_spec
+from nbfeatures.plots.inversion import QUERY_STYLE
 
 
 def naive_ema(y, a):
@@ -114,7 +118,65 @@ def test_output_tokens_bar_negative_left_positive_right():
     neg, pos = fig.data
     assert list(pos.x) == [2.0, 1.0] and list(pos.y) == ["·cat", "dog"]
     assert list(neg.x) == [-3.0, -1.0] and list(neg.y) == ["x #0", "x #1"]  # equal labels kept apart
-    assert neg.xaxis == "x" and pos.xaxis == "x2"
+    assert neg.xaxis == "x" and pos.xaxis == "x2" and neg.yaxis == "y" and pos.yaxis == "y2"
+    assert {neg.orientation, pos.orientation} == {"h"}  # horizontal bars: tokens on the y axes, never rotated ticks
+
+
+def test_output_tokens_bar_is_a_butterfly_with_labels_on_the_outer_sides():
+    """Labels of the two plots never meet: negative tokens on the far left, positive on the far right, and each
+    side's margin grows to its longest label, so the figure reads at any column width."""
+    fig = output_tokens_bar([f"p{i}" for i in range(10)], np.linspace(3, 1, 10), [f"n{i}" for i in range(10)], -np.linspace(3, 1, 10))
+    L = fig.layout
+    assert L.xaxis.domain[1] <= L.xaxis2.domain[0]  # negative plot left of the positive one
+    assert L.yaxis.side == "left" and L.yaxis2.side == "right"
+    assert L.yaxis.anchor == "x" and L.yaxis2.anchor == "x2"
+    for ax in (L.yaxis, L.yaxis2):
+        assert ax.automargin and ax.type == "category" and ax.autorange == "reversed"  # strongest on top
+    assert L.height >= 22 * 10  # a row per token, 22 px each
+    assert fig.data[0].marker.color != fig.data[1].marker.color
+
+
+def test_output_token_labels_are_the_text_the_tokens_stand_for():
+    """Raw tokenizer pieces show as their text (display_tokens), whitespace visible, no Ġ / ▁ markers."""
+    fig = output_tokens_bar(["Ġthe", "▁sea", "Ċ", "\tx"], [4.0, 3.0, 2.0, 1.0], ["Ġ", " a"], [-1.0, -0.5])
+    neg, pos = fig.data
+    assert list(pos.y) == ["·the", "·sea", "↵", "→x"]
+    assert list(neg.y) == ["·", "·a"]
+    assert not any(m in label for label in pos.y + neg.y for m in "Ġ▁Ċ")
+
+
+def test_show_token_uses_display_tokens():
+    assert [show_token(t) for t in ["Ġthe", "▁the", " the", "the", "Ċ", "<0x0A>", "", "<|endoftext|>"]] == \
+        ["·the", "·the", "·the", "the", "↵", "↵", "∅", "<|endoftext|>"]
+    assert show_token("Ã©") == "é" and show_token("café") == "café"  # byte-level mojibake decoded, real text kept
+
+
+def test_output_tokens_spec_builds_the_same_figure():
+    args = (["a", "b"], [2.0, 1.0], ["c"], [-1.0])
+    assert go.Figure(output_tokens_spec(*args)).to_dict() == output_tokens_bar(*args).to_dict()
+    args = ([3, 0, 1], [0.0, 1.0, 2.0, 4.0], 0.25, "feature 3")
+    assert go.Figure(activation_histogram_spec(*args)).to_dict() == activation_histogram(*args).to_dict()
+
+
+def test_query_html_draws_the_query_with_tokens_html():
+    tokens = ["<s>", "Ġthe", "Ġ<b>", "Ċ", "cat"]
+    html = query_html(tokens, 2)
+    assert html.count('class="nbf-tokens"') == 1  # one tokens_html row
+    spans = html.split('<span class="nbf-tok')[1:]  # a span per token (a whitespace token nests a glyph span)
+    assert len(spans) == 5
+    assert [QUERY_STYLE in s.split('style="')[1].split('"')[0] for s in spans] == [False, False, True, False, False]
+    assert [re.sub(r"<[^>]*>", "", s.split(">", 1)[1]) for s in spans] == ["&lt;s&gt;", " the", " &lt;b&gt;", "↵\n", "cat"]
+    assert spans[0].startswith(' nbf-special"')  # <s> dimmed as a special token
+    assert "<b>" not in html.replace("<b>query</b>", "")  # every token escaped
+    assert "Ġ" not in re.sub(r'title="[^"]*"', "", html)  # the raw piece only in the hover title
+    assert "(position 2)" in html and html.startswith("<div><b>query</b>") and 'title="pos 2 · ' in html
+    last = query_html(tokens, 4).split('<span class="nbf-tok')[1:]
+    assert [QUERY_STYLE in s for s in last] == [False, False, False, False, True]
+
+
+def test_inversion_heatmap_cells_show_token_text():
+    fig = inversion_samples([["<s>", "Ġa", "Ċ"]], [0.0], [[0.0, 1.0, 0.0]], [1], 0.1)
+    assert fig.data[0].text[0] == ["<s>", "·a", "↵"]
 
 
 def test_unique_labels_only_disambiguates_collisions():
@@ -147,7 +209,16 @@ def test_shaded_tokens_escape_and_shade_by_activation():
     assert "&lt;b&gt;" in out and "<b>" not in out
     assert "rgba(255,127,14,0.00)" in out and "rgba(255,127,14,1.00)" in out and "outline" in out
     html = contexts_html([Ctx(["a", "b"], np.array([0.0, 1.0]), 1)], 1.0, "top")
-    assert "top" in html and html.count("<span style=\"background") == 2
+    assert "top" in html and html.count("class=\"nbf-tok\"") == 2 and html.count("background: rgba(255,127,14,") == 2
+    assert "a</span><span" in html and "> b</span>" in html  # word-level tokens read with a space between
+
+
+def test_contexts_decide_word_level_once_for_all_rows():
+    """A context of decoded BPE pieces may hold no leading space; the other rows tell that it is not word level."""
+    rows = [Ctx(["lit", "tle"], np.array([1.0, 0.0]), 0), Ctx([" the", " sea"], np.array([0.0, 1.0]), 1)]
+    html = contexts_html(rows, 1.0)
+    assert ">lit</span><span" in html and ">tle</span>" in html  # not " tle"
+    assert "> tle</span>" in contexts_html(rows[:1], 1.0)  # alone it looks word level
 
 
 def test_card_html_shows_label_only_when_present():
@@ -170,3 +241,16 @@ def test_describe_steered_in_words():
 def test_generation_html_marks_steered_and_changed_tokens():
     html = generation_html(["a", "b"], ["c", "<d>"], [False, True, True, True], "steered", differs=[False, True])
     assert html.count("border-bottom") == 3 and html.count("font-weight:700") == 1 and "&lt;d&gt;" in html
+    assert html.count("color:#777") == 2  # the prompt is grey
+    assert "white-space: pre-wrap" in html and "overflow-wrap: anywhere" in html  # wraps in its column
+    plain = generation_html(["Mia", "was"], ["a", "girl", "."], None)
+    assert ">Mia</span>" in plain and "> was</span>" in plain and "> girl</span>" in plain and ">.</span>" in plain
+
+
+def test_training_curves_legend_below_the_plots_and_width_from_the_page():
+    fig = training_curves(HISTORY)
+    assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0 and fig.layout.legend.yanchor == "top"
+    titles = [a for a in fig.layout.annotations if a.text in {"loss", "FVU", "L0"}]
+    assert titles and min(a.y for a in titles) > 0.5 > fig.layout.legend.y  # the subplot titles stay clear
+    assert fig.layout.width is None and fig.layout.autosize is True
+    assert training_curves({"loss": [1.0]}, height=300).layout.legend.y < 0

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from nbfeatures.data import StoryCorpus, stories_dataset, token_dataset
-from nbfeatures.data.stories import COLOURS, MONTHS, NAMES_F, NAMES_M, NEGATIVE, NUMBERS, POSITIVE, TOPICS
+from nbfeatures.data.stories import COLOURS, HIERARCHY, MONTHS, NAMES_F, NAMES_M, NEGATIVE, NUMBERS, POSITIVE, TOPICS
 
 CORPUS = StoryCorpus(seed=0)
 STORIES = CORPUS.generate(300)
@@ -78,6 +78,33 @@ def test_topics_are_visible_in_the_words():
     assert ((token_topic == truth[:, None]) | (token_topic == -1)).all()
     for topic in TOPICS:
         assert (CORPUS.token_topics == CORPUS.topics.index(topic)).sum() >= 25  # each topic has its own vocabulary
+
+
+def test_child_labels_name_the_word_in_the_text():
+    for parent, children in HIERARCHY.items():
+        child_BT = CORPUS.child_labels(IDS, parent)
+        assert child_BT.shape == IDS.shape and child_BT.dtype == torch.long
+        # The parent label is exactly "some child", and each child index names the word the story wrote.
+        assert torch.equal(child_BT >= 0, LABELS[parent]), parent
+        for b, story in enumerate(STORIES[:40]):
+            words = story.words  # row b is BOS + words + EOS
+            for t, c in enumerate(child_BT[b, 1 : len(words) + 1].tolist()):
+                if c >= 0:
+                    assert words[t].lower() == children[c].lower(), (parent, words[t], children[c])
+                else:
+                    assert words[t] not in children and words[t].lower() not in children
+    assert set(CORPUS.child_labels(IDS, "month")[LABELS["month"]].tolist()) == set(range(12))
+
+
+def test_hierarchy_parents_are_concepts_with_disjoint_children():
+    assert set(HIERARCHY) <= set(CORPUS.concepts) and CORPUS.hierarchy is HIERARCHY
+    assert HIERARCHY["name"] == tuple(NAMES_F + NAMES_M) and HIERARCHY["month"] == tuple(MONTHS)
+    every = [w for children in HIERARCHY.values() for w in children]
+    assert len(every) == len(set(every))  # a word is a child of one parent only
+    with pytest.raises(ValueError, match="parent must be one of"):
+        CORPUS.child_labels(IDS, "pronoun")
+    with pytest.raises(ValueError, match="ids_BT must be in"):
+        CORPUS.child_labels(torch.tensor([[len(CORPUS.vocab)]]), "month")
 
 
 def test_counts_and_months_run_in_order():

@@ -2,6 +2,8 @@
 
 import base64
 import pathlib
+import re
+from html.parser import HTMLParser
 
 import ipywidgets as ipw
 import numpy as np
@@ -32,6 +34,15 @@ def shown(slot_view):
     """The plotly JSON a static panel put into its Output widget."""
     (out,) = slot_view.outputs
     return out["data"]["application/vnd.plotly.v1+json"]
+
+
+def text_of(html):
+    """The text an HTML string shows, tags stripped (the faint glyph for a whitespace token stays as it is)."""
+    parser = HTMLParser()
+    out = []
+    parser.handle_data = out.append
+    parser.feed(html)
+    return "".join(out)
 
 
 def array(spec):
@@ -140,6 +151,19 @@ def test_live_curves_smoothing_and_log_controls():
     np.testing.assert_allclose(static.data[1].y, ema(ys, 0.8))
 
 
+def test_live_curves_legend_below_the_subplot_titles_and_full_width():
+    curves = LiveCurves({"loss": ["fvu", "aux_loss"], "sparsity": ["l0"]}, every_s=0.0)
+    curves(1, {"fvu": 0.5, "aux_loss": 0.1, "l0": 30.0})
+    curves(2, {"fvu": 0.4, "aux_loss": 0.1, "l0": 31.0})
+    layout = curves.fig.layout
+    titles = [a.y for a in layout.annotations if a.text in ("loss", "sparsity")]
+    assert len(titles) == 2 and layout.legend.orientation == "h" and layout.legend.y < 0 < min(titles)
+    assert layout.width is None and layout.autosize is True  # the figure takes the output area's width
+    assert curves.layout.width == "100%"
+    curves.log_y.value = True  # a rebuild keeps it
+    assert curves.fig.layout.legend.y < 0 and curves.fig.layout.width is None
+
+
 def test_live_curves_follow_train_sae():
     from nbfeatures.sae.topk import TopKConfig, TopKSAE
     from nbfeatures.train import TrainConfig, train_sae
@@ -208,6 +232,98 @@ def test_gallery_card_figures_follow_the_feature():
     assert gallery.results.value == 1  # the list follows a feature typed in
     gallery.feature.value = 2  # fires everywhere, so its contexts include the token "<script>"
     assert "&lt;script&gt;" in gallery.cards.value and "<script>" not in gallery.cards.value
+    assert "nbf-special" in gallery.cards.value  # and it is dimmed as a special token
+
+
+def plain(fig):
+    """A figure as comparable data: its traces (uid dropped) and its layout, JSON-safe; an empty compound property
+    (what setting `marker=None` leaves: `marker: {}`) is dropped, as plotly draws it as unset."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k != "uid" and v != {}}
+    data = [strip(figure_mod.json_safe(t.to_plotly_json())) for t in fig.data]
+    return data, strip(figure_mod.json_safe(fig.layout.to_plotly_json()))
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["FigureWidget", "static"])
+def test_gallery_figures_equal_the_pure_functions_after_each_change(live, monkeypatch):
+    """The slots diff the new figure into the old one; what they end up showing is what the pure functions build."""
+    from nbfeatures.plots import activation_histogram, output_tokens_bar
+
+    monkeypatch.setattr(figure_mod, "USE_FIGURE_WIDGET", live)
+    data = gallery_data()
+    gallery = FeatureGallery(data)
+    gallery.sort_by.value = "feature"
+    gallery.descending.value = False
+    for change in [lambda: setattr(gallery.feature, "value", 3), lambda: setattr(gallery.feature, "value", 1),
+                   gallery.prev_button.click, gallery.next_button.click, gallery.next_button.click]:
+        change()
+        f = gallery.feature.value
+        card = data.card(f)
+        hist = activation_histogram(card.hist_counts, card.hist_edges, card.density, f"feature {f}: activations when firing")
+        bars = output_tokens_bar(card.pos_tokens, card.pos_values, card.neg_tokens, card.neg_values)
+        assert plain(gallery.hist_fig) == plain(hist) and plain(gallery.logits_fig) == plain(bars)
+        if live:  # the snapshot a new view starts from is the figure too
+            for fig, ref in ((gallery.hist_fig, hist), (gallery.logits_fig, bars)):
+                assert plain(go.Figure(data=fig._widget_data, layout=fig._widget_layout)) == plain(ref)
+        else:  # and a static panel shows it
+            assert shown(gallery._logits.view)["layout"]["title"]["text"] == bars.layout.title.text
+    assert gallery.feature.value == 2  # 3, 1, back to 0, on to 1 and 2: each a different figure
+
+
+def test_gallery_changes_only_the_data_of_its_figures(monkeypatch):
+    """A feature change restyles the existing traces and sets the title; it neither rebuilds traces nor sends the
+    template again (validating it was most of the 170-230 ms a click took, issue #18)."""
+    monkeypatch.setattr(figure_mod, "USE_FIGURE_WIDGET", True)
+    gallery = FeatureGallery(gallery_data(), feature=0)
+    hist = gallery.hist_fig
+    traces, template = hist.data, hist.layout._props["template"]
+    sent = []
+    hist.observe(lambda ch: ch["new"] is not None and sent.append((ch["name"], ch["new"])),
+                 names=["_py2js_update", "_py2js_relayout", "_py2js_restyle", "_py2js_addTraces", "_py2js_deleteTraces"])
+    gallery.feature.value = 1
+    assert [name for name, _ in sent] == ["_py2js_update"]  # one batched message
+    msg = sent[0][1]
+    assert {"x", "y", "width"} <= set(msg["style_data"]) and "marker" not in msg["style_data"]  # colour unchanged
+    assert set(msg["layout_data"]) == {"title"} and "feature 1" in msg["layout_data"]["title"]["text"]
+    assert hist.data[0] is traces[0] and hist.layout._props["template"] is template
+
+
+def test_figure_slot_diff_matches_a_fresh_figure():
+    """Reference: whatever the slot held before, after update(new) it equals go.Figure(new) - same traces
+    restyled, other traces rebuilt, keys the new figure lacks cleared (a zoom too), a dict spec as a go.Figure."""
+    from nbfeatures.widgets import figure as F
+
+    figs = [
+        go.Figure(go.Bar(x=["a", "b"], y=[1.0, 2.0], marker_color="red"), layout=dict(title="one", template="plotly_white")),
+        go.Figure(go.Bar(x=["c"], y=[3.0], text=["t"]), layout=dict(title="two", template="plotly_white", height=300)),
+        {"data": [{"type": "bar", "x": ["d"], "y": [np.nan]}], "layout": {"title": {"text": "dict"}, "template": "plotly_white"}},
+        go.Figure([go.Scatter(x=[0, 1], y=[1, 0]), go.Bar(x=["e"], y=[1.0])], layout=dict(xaxis=dict(range=[0, 1]))),
+        go.Figure([go.Scatter(x=[0, 2], y=[1, 5], mode="lines"), go.Bar(x=["e"], y=[2.0])], layout=dict(template="plotly_dark")),
+        go.Figure(go.Bar(x=["a"], y=[1.0]), layout=dict(title="last", template="plotly_white")),
+    ]
+    for live in (True, False):
+        F.USE_FIGURE_WIDGET = live
+        try:
+            slot = F.FigureSlot(figs[0])
+            for new in figs[1:]:
+                slot.figure.layout.xaxis.range = [5, 6]  # as a user's zoom would leave it
+                slot.update(new)
+                assert plain(slot.figure) == plain(go.Figure(new))
+        finally:
+            F.USE_FIGURE_WIDGET = None
+
+
+def test_gallery_contexts_read_as_words_and_wrap():
+    data = gallery_data()
+    gallery = FeatureGallery(data)
+    gallery.feature.value = 1
+    text = text_of(gallery.cards.value)
+    words = "|".join(w for w in VOCAB if w.isalpha())
+    assert re.search(rf"\b({words}) ({words})\b", text)  # words of a context separated by spaces
+    assert not re.search(rf"({words})({words})", text)  # never run together
+    for c in data.card(1).top:
+        assert " ".join(c.tokens) in text  # each context reads as its words, one space apart
+    assert "overflow-wrap: anywhere" in gallery.cards.value and gallery.cards.layout.width == "100%"
 
 
 def test_gallery_list_and_buttons_select():
@@ -275,6 +391,61 @@ def test_steering_panel_generates_on_release_and_marks_steered_tokens():
     assert "red things" in panel.steered_html.value and "1 of 3" in panel.status.value
     panel.strength.value = -2.0
     assert fake.calls[-1] == ("x y z", 1, -2.0) and len(fake.calls) == 3  # baseline cached per prompt
+
+
+def test_steering_panel_stacks_the_two_texts_and_reads_them_as_words():
+    panel = SteeringPanel(FakeModel(), V, ["apple", "red things", "sky", "grass"], prompt="x y z", feature=1)
+    panel.generate_button.click()
+    assert isinstance(panel.texts, ipw.VBox) and not isinstance(panel.texts, ipw.HBox)
+    assert list(panel.texts.children) == [panel.baseline_html, panel.steered_html] and panel.texts in panel.children
+    assert not any(isinstance(w, ipw.HBox) and panel.baseline_html in w.children for w in panel.children)
+    assert panel.baseline_html.layout.width == panel.steered_html.layout.width == "100%"
+    assert "x y z a b a" in text_of(panel.baseline_html.value)  # word-level tokens, one space apart
+    assert "x y z a b b" in text_of(panel.steered_html.value)
+    for out in (panel.baseline_html.value, panel.steered_html.value):
+        assert "white-space: pre-wrap" in out and "overflow-wrap: anywhere" in out
+        assert out.count("font-weight:700") == 1 and out.count("background: rgba(44,160,44") == 1  # the differing token
+    assert "border-bottom" not in panel.baseline_html.value  # nothing steered there
+    assert "underlined" in panel.where.value and "#ff7f0e" in panel.where.value  # the legend: orange underline
+
+
+class WithNorm(FakeModel):
+    """A generate callable that reports its site's activation norm and its directions' promoted tokens."""
+
+    act_norm = 3.2
+
+    def promoted(self, f):
+        return [[" sea", " boat", " wave"], ["\n", " sky"], [" grass"], []][f]
+
+
+def test_steering_panel_strength_range_follows_the_activation_norm():
+    panel = SteeringPanel(WithNorm(), V, 4, prompt="x")
+    assert panel.act_norm == 3.2 and panel.strength.max == pytest.approx(6.4) and panel.strength.min == pytest.approx(-6.4)
+    assert panel.strength.step == 0.01 and panel.strength.readout_format == ".2f"  # 640 steps to the end
+    assert SteeringPanel(WithNorm(), V, 4, max_strength=50.0).strength.max == 50.0  # explicit wins
+    assert SteeringPanel(WithNorm(), V, 4, strength=9.0).strength.max == 9.0  # the range holds the given strength
+    assert SteeringPanel(FakeModel(), V, 4).strength.max == 20.0  # nothing reported: the old default
+    with pytest.raises(ValueError, match="need max_strength > 0 and \\|strength\\| <= max_strength"):
+        SteeringPanel(WithNorm(), V, 4, strength=9.0, max_strength=5.0)
+
+
+def test_unnamed_features_show_their_id_and_promoted_tokens():
+    panel = SteeringPanel(WithNorm(), V, ["apple", None, "", "None"], prompt="x y z", feature=0)
+    labels = dict((i, label) for label, i in panel.results.options)
+    assert labels[0] == "#0 apple · ↑ sea, boat, wave"
+    assert labels[1] == "#1 · ↑ ↵, sky" and labels[2] == "#2 · ↑ grass"
+    assert labels[3] == "#3"  # no name and nothing promoted: the id alone
+    assert not any("None" in label for label in labels.values())
+    panel.feature.value = 1
+    panel.generate_button.click()
+    assert "#1 · ↑ ↵, sky" in text_of(panel.steered_html.value)
+    mapping = SteeringPanel(FakeModel(), V, {5: None, 7: "sky"}, promoted={5: ["sea"], 7: ["blue"]})
+    assert [label for label, _ in mapping.results.options] == ["#5 · ↑ sea", "#7 sky · ↑ blue"]
+    calls = []
+    SteeringPanel(FakeModel(), V, 3, promoted=lambda f: calls.append(f) or [f"t{f}"])
+    assert calls == [0, 1, 2]
+    with pytest.raises(TypeError, match="promoted must be a mapping or a callable"):
+        SteeringPanel(FakeModel(), V, 3, promoted=["a"])
 
 
 def test_steering_panel_search_picks_a_feature_without_calling_the_model():
@@ -365,7 +536,21 @@ def test_steering_fn_on_tiny_models(model):
 
     vocab = token_strings(model)
     assert len(vocab) == 64 and vocab[5] == "w5"
-    panel = SteeringPanel(fn, vocab, ["one", "two", "three"], prompt=prompt, feature=1)
+    hf = sites.unwrap(model)
+    # the site's typical norm, against a raw forward: block 0's output on the same 33 pseudo-random tokens
+    sample = torch.randint(0, 64, (1, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        resid = hf(sample, output_hidden_states=True).hidden_states[1][0, 1:]
+    assert fn.act_norm == pytest.approx(float(resid.norm(dim=-1).median()), rel=1e-5)
+    with torch.no_grad():
+        top = hf.get_output_embeddings()(directions[2]).topk(5).indices.tolist()  # the unembedding as a module
+    assert fn.promoted(2) == [vocab[i] for i in top]
+    auto = SteeringPanel(fn, vocab, [None, "two", None], prompt=prompt, strength=0.1)
+    assert auto.strength.max == pytest.approx(2 * fn.act_norm, rel=0.1) and auto.strength.max >= 2 * fn.act_norm
+    label = dict((i, t) for t, i in auto.results.options)[2]
+    assert label.startswith("#2 · ↑ ") and fn.promoted(2)[0] in label and "None" not in label
+    panel = SteeringPanel(fn, vocab, ["one", "two", "three"], prompt=prompt, feature=1, max_strength=40.0)
+    assert panel.strength.max == 40.0  # an explicit range is kept
     panel.strength.value = 30.0
     steered_bars = panel.next_token_fig.data[1]
     top = int(out.probs.argmax())

@@ -8,6 +8,8 @@ visible in the words and a language model must carry it through the context. Pla
 months, colours, numbers, names, positive and negative emotion words, pronouns agreeing with the hero's
 gender, names repeated later in a story, topic words. Words are chosen so that every concept is a pure
 function of the token (no "May" as a verb, no "Rose" as a name), hence `concept_labels` works on any ids.
+`HIERARCHY` puts the words of six concepts under them as children (month -> January ...); `child_labels`
+says which child each token is, the ground truth of feature absorption.
 Two kinds of structure reward context: counts and months run in order ("three , then four"), and the
 emotion after an event matches its valence.
 
@@ -178,6 +180,12 @@ ENDINGS = ["From that day on , {name} was always {pos_emo} . The end .", "{name}
 FILLS = {"colour": COLOURS, "neg": NEGATIVE, "pos_emo": POSITIVE}
 CONCEPTS = ("month", "colour", "number", "name", "positive", "negative", "pronoun_female", "pronoun_male",
             "repeated_name", "topic_word")  # fmt: skip
+# Parent concept -> its child words (each parent is a lexical concept above; child i is word i of the tuple).
+# Feature absorption (Chanin et al. 2024) is measured on these: a parent latent that stops firing on one child.
+HIERARCHY: dict[str, tuple[str, ...]] = {
+    "month": tuple(MONTHS), "colour": tuple(COLOURS), "number": tuple(NUMBERS), "name": tuple(NAMES_F + NAMES_M),
+    "positive": tuple(POSITIVE), "negative": tuple(NEGATIVE),
+}  # fmt: skip
 
 
 def _options(topic: str, key: str) -> list[str]:
@@ -224,6 +232,7 @@ class StoryCorpus:
 
     topics = tuple(TOPICS)
     concepts = CONCEPTS
+    hierarchy = HIERARCHY
 
     def story(self, i: int) -> Story:
         i = as_int("i", i, 0)
@@ -305,6 +314,13 @@ class StoryCorpus:
             seen_BT[i : i + 256] = (same_BTT & before_TT).any(-1)
         labels["repeated_name"] = labels["name"] & seen_BT
         return {c: labels[c] for c in CONCEPTS}
+
+    def child_labels(self, ids_BT: Tensor, parent: str) -> Tensor:
+        """Long, the shape of ids_BT: which child of `parent` each token is (an index into HIERARCHY[parent]), else -1."""
+        if parent not in HIERARCHY:
+            raise ValueError(f"parent must be one of {tuple(HIERARCHY)}, got {parent!r}")
+        ids_BT = as_ids("ids_BT", ids_BT, len(self.vocab))
+        return _child_table(parent)[ids_BT]
 
     @property
     def token_topics(self) -> Tensor:
@@ -392,6 +408,13 @@ def _concept_table() -> Tensor:
         members = set(sets.get(c, ()))
         table[k] = topic_V >= 0 if c == "topic_word" else torch.tensor([_decapitalise(w) in members or w in members for w in words])
     return table
+
+
+@lru_cache(maxsize=None)
+def _child_table(parent: str) -> Tensor:
+    """Long [V]: each token id's child index under `parent` ("She" counts as "she", like _concept_table), else -1."""
+    words, index = vocabulary()[0], {w: i for i, w in enumerate(HIERARCHY[parent])}
+    return torch.tensor([index.get(w, index.get(_decapitalise(w), -1)) for w in words])
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,9 @@
-"""Figures for one feature and for steering: activation histogram, output-token bars, next-token bars, overview."""
+"""Figures for one feature and for steering: activation histogram, output-token bars, next-token bars, overview.
+
+The two card figures also come as `..._spec` functions returning plotly's figure dict (`go.Figure(spec)` is the
+figure): a panel that redraws them on every click diffs the dict into its live figure, which skips go.Figure's
+validation (10 ms a figure, most of it the template).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,18 @@ from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from ._checks import as_float, as_int, floats
+from .tokens import display_tokens
 
 POS, NEG, BASE, STEER = "#1f77b4", "#d62728", "#7f7f7f", "#ff7f0e"
+_VISIBLE = str.maketrans({"\n": "↵", "\t": "→", "\r": "␍", " ": "·"})  # the glyphs tokens_html shows
 
 
 def show_token(s: str) -> str:
-    """A token as a label: whitespace made visible, since a leading space is invisible on an axis."""
-    return s.replace("\n", "↵").replace("\t", "⇥").replace(" ", "·") or "∅"
+    """A token as a label: the text it stands for (`display_tokens`: no Ġ / ▁), whitespace made visible,
+    since a leading space is invisible on an axis."""
+    return display_tokens([str(s)], word_level=False)[0].translate(_VISIBLE) or "∅"
 
 
 def unique_labels(tokens: Sequence[str], ids: Sequence[int] | None = None) -> list[str]:
@@ -30,9 +37,9 @@ def unique_labels(tokens: Sequence[str], ids: Sequence[int] | None = None) -> li
     return [f"{s} #{i}" if seen[s] > 1 else s for s, i in zip(shown, ids)]
 
 
-def activation_histogram(counts: Sequence[float], edges: Sequence[float], density: float | None = None,
-                         title: str | None = None) -> go.Figure:
-    """Histogram of a feature's nonzero activations; the title carries its density (fraction of tokens it fires on)."""
+def activation_histogram_spec(counts: Sequence[float], edges: Sequence[float], density: float | None = None,
+                              title: str | None = None) -> dict:
+    """`activation_histogram` as plotly's figure dict."""
     counts, edges = floats("counts", counts), floats("edges", edges)
     if density is not None:
         density = as_float("density", density)
@@ -41,29 +48,48 @@ def activation_histogram(counts: Sequence[float], edges: Sequence[float], densit
     head = title or "activations when firing"
     if density is not None:
         head += f" · density {density:.3g} ({density:.2%} of tokens)"
-    fig = go.Figure(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), marker_color=STEER,
-                           name="tokens", hovertemplate="act %{x:.3g}: %{y} tokens<extra></extra>"))
-    fig.update_layout(title=dict(text=head, x=0.01), xaxis_title="activation", yaxis_title="tokens",
-                      bargap=0, height=260, margin=dict(l=50, r=20, t=50, b=40), template="plotly_white")
-    return fig
+    bar = dict(type="bar", x=((edges[:-1] + edges[1:]) / 2).tolist(), y=counts.tolist(), width=np.diff(edges).tolist(),
+               marker=dict(color=STEER), name="tokens", hovertemplate="act %{x:.3g}: %{y} tokens<extra></extra>")
+    return dict(data=[bar], layout=dict(
+        title=dict(text=head, x=0.01), xaxis=dict(title=dict(text="activation")), yaxis=dict(title=dict(text="tokens")),
+        bargap=0, height=260, margin=dict(l=50, r=20, t=50, b=40), template="plotly_white"))
+
+
+def activation_histogram(counts: Sequence[float], edges: Sequence[float], density: float | None = None,
+                         title: str | None = None) -> go.Figure:
+    """Histogram of a feature's nonzero activations; the title carries its density (fraction of tokens it fires on)."""
+    return go.Figure(activation_histogram_spec(counts, edges, density, title))
+
+
+def output_tokens_spec(pos_tokens: Sequence[str], pos_values: Sequence[float], neg_tokens: Sequence[str],
+                       neg_values: Sequence[float], title: str = "output tokens (direction · W_U)") -> dict:
+    """`output_tokens_bar` as plotly's figure dict."""
+    pos_values, neg_values = floats("pos_values", pos_values, len(pos_tokens)), floats("neg_values", neg_values, len(neg_tokens))
+    rows = max(len(pos_tokens), len(neg_tokens), 5)
+    traces = []
+    for name, toks, vals, color, axis in (("negative", neg_tokens, neg_values, NEG, ""), ("positive", pos_tokens, pos_values, POS, "2")):
+        traces.append(dict(type="bar", x=vals.tolist(), y=unique_labels(toks), orientation="h", marker=dict(color=color),
+                           name=name, showlegend=False, xaxis="x" + axis, yaxis="y" + axis,
+                           hovertemplate="%{y}: %{x:.3g}<extra></extra>"))
+    if not len(pos_tokens) and not len(neg_tokens):
+        title += " · needs W_dec and W_U"
+    # Butterfly: the labels sit on the outer sides (automargin makes room for the longest), the bars meet at zero in
+    # the middle, so no label crosses the other plot however wide the column is. First token on top.
+    ticks = dict(type="category", autorange="reversed", automargin=True, tickfont=dict(family="monospace", size=12))
+    return dict(data=traces, layout=dict(
+        title=dict(text=title, x=0.01), showlegend=False, height=90 + 22 * rows, template="plotly_white",
+        margin=dict(l=10, r=10, t=50, b=40),
+        xaxis=dict(domain=[0.0, 0.48], title=dict(text="lowers the logit"), zeroline=True, anchor="y"),
+        xaxis2=dict(domain=[0.52, 1.0], title=dict(text="raises the logit"), zeroline=True, anchor="y2"),
+        yaxis=dict(ticks, anchor="x", side="left"),
+        yaxis2=dict(ticks, anchor="x2", side="right")))
 
 
 def output_tokens_bar(pos_tokens: Sequence[str], pos_values: Sequence[float], neg_tokens: Sequence[str],
                       neg_values: Sequence[float], title: str = "output tokens (direction · W_U)") -> go.Figure:
-    """Top negative (left) and positive (right) logit contributions of a feature's decoder direction."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("negative", "positive"), horizontal_spacing=0.25)
-    pos_values, neg_values = floats("pos_values", pos_values, len(pos_tokens)), floats("neg_values", neg_values, len(neg_tokens))
-    for col, toks, vals, color in ((1, neg_tokens, neg_values, NEG), (2, pos_tokens, pos_values, POS)):
-        labels = unique_labels(toks)
-        fig.add_trace(go.Bar(x=np.asarray(vals, dtype=np.float64), y=labels, orientation="h", marker_color=color,
-                             name="negative" if col == 1 else "positive", showlegend=False,
-                             hovertemplate="%{y}: %{x:.3g}<extra></extra>"), row=1, col=col)
-        fig.update_yaxes(autorange="reversed", type="category", row=1, col=col)
-    if not len(pos_tokens) and not len(neg_tokens):
-        title += " · needs W_dec and W_U"
-    fig.update_layout(title=dict(text=title, x=0.01), height=60 + 22 * max(len(pos_tokens), len(neg_tokens), 5),
-                      margin=dict(l=80, r=20, t=60, b=30), template="plotly_white")
-    return fig
+    """Top negative (left) and positive (right) logit contributions of a feature's decoder direction, as horizontal
+    bars with the tokens on the outer sides, strongest on top."""
+    return go.Figure(output_tokens_spec(pos_tokens, pos_values, neg_tokens, neg_values, title))
 
 
 def next_token_bars(probs_before: Sequence[float], probs_after: Sequence[float], vocab: Sequence[str],

@@ -135,7 +135,8 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
     `panels` maps subplot title -> metric names (default: `default_panels`); `x` names the
     column for the x axis (the row number when it is absent). With `smoothing` 0 the raw
     lines are hidden, since they coincide with the smoothed ones. Trace 2i is metric i's raw
-    line and trace 2i + 1 its smoothed line, in the order of `curves`.
+    line and trace 2i + 1 its smoothed line, in the order of `curves`. The legend lies below the
+    plots and the width follows the output area (no fixed width).
     """
     keys = list(history.keys())
     cols = as_int("cols", cols, 1)
@@ -157,8 +158,14 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
                                  legendgroup=c.metric), row=r, col=col)
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "none")
     fig.update_xaxes(title_text=x if x in keys or not keys else "row", title_standoff=2)
-    fig.update_layout(height=height or 240 * rows + 90, margin=dict(l=50, r=20, t=80, b=40),
+    # The legend goes below the plots, under the x-axis titles (a legend above them covered the subplot titles); the
+    # width is left to the output area (autosize: plotly.js otherwise draws 700 px wide once a height is given).
+    height = height or 240 * rows + 120
+    margin = dict(l=50, r=20, t=70, b=90)
+    below_px = 50  # tick labels and the x-axis title
+    fig.update_layout(height=height, autosize=True, margin=margin,
                       title=dict(text=curves_title(history, smoothing, x), x=0.01),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.06, xanchor="right", x=1),
+                      legend=dict(orientation="h", yanchor="top", y=-below_px / max(height - margin["t"] - margin["b"], 50),
+                                  xanchor="left", x=0),
                       hovermode="x unified", template="plotly_white")
     return fig

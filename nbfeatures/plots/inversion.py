@@ -1,6 +1,7 @@
 """InversionView figures: sampled inputs as coloured token rows beside their distance bars, the query, a summary.
 
-Pure functions over plain data (token strings, floats); numpy and plotly only.
+Pure functions over plain data (token strings, floats); numpy and plotly only. Tokens are shown as the text they
+stand for (`plots.tokens`): the query through `tokens_html`, heatmap cells and the summary through `show_token`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ._checks import as_float, as_int, floats, ints
+from .bars import show_token
+from .tokens import tokens_html
 
 INSIDE, OUTSIDE = "#1f77b4", "#bbbbbb"
-
-
-def _show(tok: str) -> str:
-    return tok.replace(" ", "␣").replace("\n", "↵") or "∅"
 
 
 def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float], colour: Sequence[Sequence[float]],
@@ -42,7 +41,7 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
         if len(c) != len(row):
             raise ValueError(f"sample {i}: {len(row)} tokens but {len(c)} colour values")
         z[i, : len(row)] = c
-        text[i][: len(row)] = [_show(t) for t in row]
+        text[i][: len(row)] = [show_token(t) for t in row]
     labels = [f"#{i} d={d:.3f}" for i, d in enumerate(distance)]
     lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.78, 0.22], horizontal_spacing=0.02)
@@ -66,14 +65,19 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
     return fig
 
 
-def query_html(tokens: Sequence[str], position: int, label: str = "query") -> str:
-    """The query input with the queried token highlighted."""
+QUERY_STYLE = "background: #ff7f0e; color: white; font-weight: bold"  # the queried token
+
+
+def query_html(tokens: Sequence[str], position: int, label: str = "query", *, word_level: bool | None = None) -> str:
+    """The query input as text (`tokens_html`), the queried token in white on orange; each token's position on hover.
+
+    word_level: as in `display_tokens` (None: detect from `tokens`).
+    """
     if not 0 <= as_int("position", position, 0) < len(tokens):
         raise ValueError(f"position {position} is outside the query of {len(tokens)} tokens; allowed 0..{len(tokens) - 1}")
-    cells = [f"<span style='padding:1px 3px;margin:1px;border-radius:3px;font-family:monospace;"
-             f"{'background:#ff7f0e;color:white;font-weight:bold' if i == position else 'background:#eee'}'>"
-             f"{html.escape(_show(t))}</span>" for i, t in enumerate(tokens)]  # fmt: skip
-    return f"<div><b>{html.escape(label)}</b> (position {position}): {''.join(cells)}</div>"
+    marks = [QUERY_STYLE if i == position else None for i in range(len(tokens))]
+    body = tokens_html(tokens, marks=marks, titles=[f"pos {i}" for i in range(len(tokens))], word_level=word_level)
+    return f"<div><b>{html.escape(label)}</b> (position {position}):{body}</div>"
 
 
 def shared_tokens(tokens: Sequence[Sequence[str]], position: Sequence[int], inside: Sequence[bool], min_share: float = 1.0) -> list[dict]:
@@ -106,7 +110,7 @@ def shared_html(shared: Sequence[dict], n_inside: int) -> str:
         return "<div><b>shared by the in-ε samples:</b> no sample is inside ε</div>"
     if not shared:
         return f"<div><b>shared by the {n_inside} in-ε samples:</b> no position is constant</div>"
-    parts = [f"{s['offset']:+d}: <code>{html.escape(_show(s['token']))}</code>" + (f" ({s['share']:.0%})" if s["share"] < 1 else "")
+    parts = [f"{s['offset']:+d}: <code>{html.escape(show_token(s['token']))}</code>" + (f" ({s['share']:.0%})" if s["share"] < 1 else "")
              for s in shared]  # fmt: skip
     return (f"<div><b>shared by the {n_inside} in-ε samples</b> (offset from the matched position: token): "
             f"{', '.join(parts)}</div>")

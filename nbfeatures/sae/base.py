@@ -209,3 +209,12 @@ class FiringTracker:
 def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
     """Fraction of variance unexplained: sum (x_hat - x)^2 / sum (x - mean x)^2 over the batch."""
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def auxk_loss(sae: UnitNormSAE, x_ND: Tensor, x_hat_ND: Tensor, pre_NF: Tensor, dead_F: Tensor, k_aux: int) -> Tensor:
+    """AuxK (Gao et al.): FVU of the detached residual x - x_hat against its decode (no b_dec: the residual has none)
+    from each token's top k_aux dead latents; only those latents' encoder columns and decoder rows get gradients."""
+    k_aux = min(k_aux, int(dead_F.sum()))
+    idx_NK = pre_NF.masked_fill(~dead_F.to(pre_NF.device), float("-inf")).topk(k_aux, dim=1).indices
+    vals_NK = torch.relu(gather_pre(x_ND - sae.b_dec, sae.W_enc, sae.b_enc, idx_NK, pre_NF))
+    return fvu(sparse_decode(vals_NK, idx_NK, sae.W_dec), (x_ND - x_hat_ND).detach())

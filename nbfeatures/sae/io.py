@@ -13,8 +13,10 @@ pretrained dictionary of SAELens's registry from the local Hugging Face cache (p
 `SAE.from_pretrained` would: the registry's config_overrides applied, its norm_scaling_factor folded in, and
 hook_name, model_name, release and sae_id recorded in `sae.metadata`. `metadata.sae_lens_version` must parse as
 >= 6.0.0 or SAELens discards the metadata, so it is always written ("6.0.0": the v6 layout); our own version goes in
-`metadata.nbfeatures_version`. A folder is written under a temporary sibling name and renamed into place; nothing is
-unpickled.
+`metadata.nbfeatures_version`. BatchTopK and Matryoshka SAEs are written for inference as SAELens writes them, as
+`jumprelu` (our JumpReLU SAE too), with `metadata.training_architecture` and `training_architecture_details`, from
+which they load back as themselves. A folder is written under a temporary sibling name and renamed into place;
+nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ def save_sae(sae: nn.Module, folder: str | os.PathLike, *, hook_name: str | None
     loaded with is kept unless overridden here. Other files already in `folder` stay."""
     folder = pathlib.Path(folder)
     cfg, tensors = to_saelens(sae)
+    trained = cfg.pop("metadata", {})  # what a dictionary written as a SAELens architecture really is (JumpReLU, BatchTopK, ...)
     old = dict(getattr(sae, "metadata", None) or {})
     given = {"model_name": model_name, "hook_name": hook_name, "hf_hook_name": hf_hook_name,
              "prepend_bos": metadata.pop("prepend_bos", None)}  # fmt: skip
     meta = {"sae_lens_training_version": None, "model_name": None, "hook_name": None, "hf_hook_name": None, "hook_head_index": None,
             "prepend_bos": None, "model_from_pretrained_kwargs": {}, **old, **{k: v for k, v in given.items() if v is not None},
-            **metadata, "sae_lens_version": SAE_LENS_FORMAT_VERSION, "nbfeatures_version": __version__}  # fmt: skip
+            **metadata, **trained, "sae_lens_version": SAE_LENS_FORMAT_VERSION, "nbfeatures_version": __version__}  # fmt: skip
     if cfg["reshape_activations"] == "hook_z" and meta["hook_name"] is not None and not str(meta["hook_name"]).endswith("_z"):
         raise ValueError(f"hook_name={meta['hook_name']!r}: a reshape_activations='hook_z' dictionary reads a hook_z site "
                          "(SAELens refuses any other hook name)")  # fmt: skip

@@ -20,7 +20,11 @@ reshape_activations="hook_z" reads [.., H, E] as [.., H*E] and writes the output
 When the semantics are exactly our own TopKSAE / ReLUSAE (or another registered dictionary), `from_saelens` builds
 that, so warm starts and training keep working; sparsify's `nbfeatures.groupmax` and `nbfeatures.topk_transcoder`
 build the inference-only modules of sparsify_format.py (SAELens cannot load those two); everything else is an
-inference-only `SAELensSAE`.
+inference-only `SAELensSAE`. Our dictionaries that SAELens runs as one of its own architectures (JumpReLUSAE, and
+BatchTopKSAE / MatryoshkaSAE at inference: `saelens_architecture = "jumprelu"`) are written as SAELens's
+`save_inference_model` writes its trained ones: that architecture, metadata.training_architecture naming ours and
+metadata.training_architecture_details holding its config. Such a folder loads as ours when the details give every
+field of our config; a jumprelu folder without them (SAELens's own) stays an inference-only `SAELensSAE`.
 
 Dimension key: N tokens, D input dim (d_in), O output dim (d_out; = D but for transcoders), F latents (d_sae),
 H heads, E head dim.
@@ -47,13 +51,25 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 LLM_METADATA_KEYS = ("model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs", "prepend_bos",
                      "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path", "sae_lens_version",
                      "sae_lens_training_version", "hook_name_out", "hook_head_index_out", "hf_hook_name", "hf_hook_name_out")  # fmt: skip
-# our own dictionaries, by their name in cfg.json -> (module class, config class); each file registers itself via io.py
+# our own dictionaries, by their name in cfg.json (`architecture`, or `metadata.training_architecture` for those
+# with a `saelens_architecture`) -> (module class, config class); each file registers itself via io.py
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {}
 
 
 def _registered(arch: str) -> tuple[type[nn.Module], type] | None:
     """(module, config) of one of our dictionaries or of a sparsify variant SAELens lacks; None for SAELens's own."""
     return ARCHITECTURES.get(arch) or SPARSIFY_ARCHITECTURES.get(arch)
+
+
+def _saved_as(module_cls: type) -> str | None:
+    """The SAELens architecture a dictionary of ours is written as (its config then goes into metadata), or None."""
+    return getattr(module_cls, "saelens_architecture", None)
+
+
+def _readable(arch: str) -> bool:
+    """An `architecture` a cfg.json may name: SAELens's own, or ours written under our own name."""
+    entry = _registered(arch)
+    return arch in SAELENS_ARCHITECTURES or (entry is not None and _saved_as(entry[0]) in (None, arch))
 
 
 @dataclass(frozen=True)
@@ -287,9 +303,9 @@ def saelens_cfg(cfg: dict, where: str) -> dict:
         raise ValueError(f"{where}: field 'metadata' must be an object, got {type(cfg['metadata']).__name__}")
     cfg = dict(_legacy_to_v6(cfg) if _is_pre_v6(cfg, where) else cfg)
     arch = cfg.get("architecture")
-    if arch not in SAELENS_ARCHITECTURES and _registered(arch) is None:
-        raise ValueError(f"{where}: field 'architecture' = {arch!r} is not supported; supported: "
-                         f"{sorted(set(SAELENS_ARCHITECTURES) | set(ARCHITECTURES) | set(SPARSIFY_ARCHITECTURES))}")  # fmt: skip
+    if not isinstance(arch, str) or not _readable(arch):
+        supported = {a for a in set(SAELENS_ARCHITECTURES) | set(ARCHITECTURES) | set(SPARSIFY_ARCHITECTURES) if _readable(a)}
+        raise ValueError(f"{where}: field 'architecture' = {arch!r} is not supported; supported: {sorted(supported)}")
     topk, transcoder = arch in ("topk", "abstopk"), arch in TRANSCODERS
     defaults = {"k": 100} if topk else {"d_out": 768} if transcoder else {}  # SAELens's config defaults
     for name in ("d_in", "d_sae", *defaults):
@@ -332,24 +348,34 @@ def _config(cfg: dict) -> SAELensConfig:
 
 def _native(cfg: dict, where: str) -> nn.Module | None:
     """Our own dictionary (on the meta device: no memory) when it computes exactly what SAELens computes for `cfg`."""
-    arch = cfg["architecture"]
-    if _registered(arch) is None:
+    arch, meta = cfg["architecture"], cfg.get("metadata") or {}
+    trained, details = meta.get("training_architecture"), meta.get("training_architecture_details")
+    entry = ARCHITECTURES.get(trained) if isinstance(trained, str) else None
+    if entry is not None and _saved_as(entry[0]) == arch and isinstance(details, dict):
+        classes, given = entry, {**details, "d_in": cfg["d_in"], "d_sae": cfg["d_sae"]}  # written as SAELens writes its own
+    elif _registered(arch) is not None and _saved_as(_registered(arch)[0]) is None:
+        classes, given = _registered(arch), cfg
+    else:
         return None
     plain = cfg.get("normalize_activations", "none") == "none" and cfg.get("reshape_activations", "none") == "none"
     if arch in SAELENS_ARCHITECTURES and not (plain and cfg.get("apply_b_dec_to_input", True) is True):
         return None
     if not plain:
         raise ValueError(f"{where}: architecture {arch!r} takes normalize_activations and reshape_activations 'none' only")
-    module_cls, config_cls = _registered(arch)
-    fields = [f for f in dataclasses.fields(config_cls) if f.name not in ("d_in", "d_sae")]
+    module_cls, config_cls = classes
+    names = [f for f in dataclasses.fields(config_cls) if f.name not in ("d_in", "d_sae")]
+    if given is not cfg and not all(f.name in given for f in names):
+        return None  # e.g. a JumpReLU SAELens trained: its details name SAELens's settings, not ours
     try:
         config = config_cls(d_in=cfg["d_in"], d_sae=cfg["d_sae"],
-                            **{f.name: cfg[f.name] for f in fields if f.name in cfg or f.default is dataclasses.MISSING})  # fmt: skip
+                            **{f.name: given[f.name] for f in names if f.name in given or f.default is dataclasses.MISSING})  # fmt: skip
         with torch.device("meta"):
             return module_cls(config, seed=None)
     except KeyError as e:
         raise ValueError(f"{where}: field {e.args[0]!r} is missing, needed for architecture {arch!r}") from None
     except (TypeError, ValueError) as e:
+        if given is not cfg:
+            return None  # details we cannot build (SAELens's BatchTopK allows a fractional k): its inference JumpReLU
         raise ValueError(f"{where}: {e}") from None
 
 
@@ -400,12 +426,14 @@ def from_saelens(cfg: dict, tensors: dict[str, Tensor], where: str) -> nn.Module
                    for k, v in tensors.items()}  # fmt: skip
         sae.load_state_dict(tensors, assign=True)
     sae.metadata = dict(cfg.get("metadata") or {})
-    return sae
+    return sae.eval()  # loaded for inference (BatchTopK: thresholded per token); train() switches back
 
 
 def to_saelens(sae: nn.Module) -> tuple[dict, dict[str, Tensor]]:
-    """(cfg.json fields without metadata, tensors) that SAELens 6 loads as the same dictionary; the sparsify variants
-    (`nbfeatures.groupmax`, `nbfeatures.topk_transcoder`) keep their own name, which only nbfeatures loads."""
+    """(cfg.json fields, tensors) that SAELens 6 loads as the same dictionary; the sparsify variants
+    (`nbfeatures.groupmax`, `nbfeatures.topk_transcoder`) keep their own name, which only nbfeatures loads. The fields
+    hold no metadata but for a dictionary written as a SAELens architecture (JumpReLU, BatchTopK, Matryoshka): then
+    "metadata" has training_architecture and training_architecture_details, as SAELens's `save_inference_model`."""
     dtype = str(sae.W_dec.dtype).removeprefix("torch.")
     tensors = {name: p.detach() for name, p in sae.state_dict().items()}
     if isinstance(sae, SAELensSAE):
@@ -424,6 +452,11 @@ def to_saelens(sae: nn.Module) -> tuple[dict, dict[str, Tensor]]:
                          f"{sorted(set(ARCHITECTURES) | set(SPARSIFY_ARCHITECTURES) | {'SAELensSAE'})}")  # fmt: skip
     cfg = {**sae.config_dict(), "dtype": dtype, "device": "cpu", "apply_b_dec_to_input": getattr(sae, "apply_b_dec_to_input", True),
            "normalize_activations": "none", "reshape_activations": "none"}  # fmt: skip
+    saved_as = _saved_as(type(sae))
+    if saved_as is not None:  # SAELens's own fields on top, ours in metadata (SAELens drops unknown top-level keys)
+        details = {k: v for k, v in sae.config_dict().items() if k not in ("d_in", "d_sae")}
+        meta = {"training_architecture": arch, "training_architecture_details": details}
+        return {k: v for k, v in cfg.items() if k not in details} | {"architecture": saved_as, "metadata": meta}, tensors
     if arch == "topk":
         cfg["rescale_acts_by_decoder_norm"] = False  # our decoder rows are unit-norm already
     return cfg | {"architecture": arch}, tensors

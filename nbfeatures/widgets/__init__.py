@@ -10,6 +10,9 @@ from .fsm import FSMPanel
 from .gallery import FeatureGallery
 from .inversion import InversionPanel
 from .live import LiveCurves
+from .progress import CourseProgress
+from .prompt import PromptView
 from .steering import SteeringPanel
 
-__all__ = ["LiveCurves", "FeatureGallery", "SteeringPanel", "FSMPanel", "InversionPanel", "FigureSlot", "figure_widgets_available", "replace_figure"]
+__all__ = ["LiveCurves", "FeatureGallery", "SteeringPanel", "FSMPanel", "InversionPanel", "PromptView", "FigureSlot", "figure_widgets_available", "replace_figure"]
+__all__ += ["CourseProgress"]

@@ -61,7 +61,8 @@ class LiveCurves(ipw.VBox):
         self.slot = FigureSlot(training_curves({}))
         self.smoothing.observe(lambda _: self.redraw(), names="value")
         self.log_y.observe(lambda _: self.redraw(), names="value")
-        super().__init__([ipw.HBox([self.smoothing, self.log_y, self.status]), self.slot.view])
+        # the full width of the output area: the figure autosizes to it (training_curves sets no width)
+        super().__init__([ipw.HBox([self.smoothing, self.log_y, self.status]), self.slot.view], layout=ipw.Layout(width="100%"))
 
     @property
     def fig(self) -> go.Figure:

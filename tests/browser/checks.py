@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import uuid
+from pathlib import Path
 
 from .labpage import BROKEN_CONSOLE, LabNotebook, NotebookRun, clean
 
@@ -19,6 +21,11 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 
 def artifact_stem(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", rel.removesuffix(".ipynb"))
+
+
+def shots_name(rel: str) -> str:
+    """A notebook's folder under the screenshots folder: 00_quickstart, fixtures_nbfeatures_panels."""
+    return artifact_stem(rel.removeprefix("notebooks/").removeprefix("tests/browser/"))
 
 
 def start(rel: str, server, browser, *, action_timeout: float) -> LabNotebook:
@@ -57,13 +64,14 @@ def close(nb: LabNotebook, artifacts=None) -> None:
 
 @contextlib.contextmanager
 def opened(rel: str, server, browser, artifacts, *, run_timeout: float, action_timeout: float, shots: list,
-           started: LabNotebook | None = None, then=None):
+           started: LabNotebook | None = None, then=None, outputs_to: Path | None = None):
     """Notebook `rel` opened and run with Run All (`started`: one that `start` opened before), yielded once done.
 
     `then()` is called as soon as the run has finished (the suite starts the next notebook there, so its
     kernel computes while this one is checked). A screenshot is taken after the run and again at the end if
     the panels were used; the browser console is saved next to them; the kernel is shut down and the page
-    closed on the way out.
+    closed on the way out. With `outputs_to` (`make screenshots`), the page after the run and each of its rich
+    outputs are also saved as outputs_to/<notebook>/page.png and cellNN-K.png.
     """
     stem = artifact_stem(rel)
     nb = started or start(rel, server, browser, action_timeout=action_timeout)
@@ -88,11 +96,26 @@ def opened(rel: str, server, browser, artifacts, *, run_timeout: float, action_t
         if then is not None:
             then()
         shot("")
+        if outputs_to is not None:
+            keep_outputs(nb, outputs_to / shots_name(rel), artifacts / f"{stem}.png")
         yield nb
         if nb.interacted:
             shot("-after-interaction")
     finally:
         close(nb, artifacts)
+
+
+def keep_outputs(nb: LabNotebook, folder: Path, page_shot: Path) -> None:
+    """The page's screenshot as folder/page.png and one PNG per rich output (LabNotebook.screenshot_outputs)."""
+    try:
+        paths = nb.screenshot_outputs(folder)
+        (folder / "page.png").unlink(missing_ok=True)
+        if page_shot.exists():
+            shutil.copyfile(page_shot, folder / "page.png")
+    except Exception as e:  # a screenshot must not hide the real result
+        nb.run.console.append(f"output screenshots failed: {e}")
+        return
+    print(f"\n{nb.run.path}: {len(paths)} output screenshots in {folder}")
 
 
 def run_problems(nb: LabNotebook) -> list[str]:
@@ -167,3 +190,21 @@ def interaction_report(results: list[dict], own_cell: bool = False) -> tuple[lis
             problems.append(f"{what} (cell {r['cell']}) changed only other cells: {', '.join(r['changed'])}")
         problems += [f"{what} raised {k}" for k in raised]
     return problems, "\n".join(lines)
+
+
+def layout_problems(nb: LabNotebook, n_shown: int = 4) -> list[str]:
+    """The text in the outputs can be read: none runs out of a box that neither scrolls nor clips it, none lies on
+    other text, no plot's legend covers its title or a subplot title (what is measured: pagejs.JS_LAYOUT)."""
+    m = nb.layout()
+    problems = [f"cell {o['cell']}: text runs out of its box: {o['what']} is {o['box']} px wide and its content "
+                f"{o['width']} px ({o['text']!r})" for o in m["overflows"]]
+    pairs: dict[tuple[int, int], list[dict]] = {}
+    for o in m["overlaps"]:
+        pairs.setdefault((o["cell"], o["other"]), []).append(o)
+    for (a, b), found in pairs.items():
+        shown = "; ".join(f"{o['a']!r} and {o['b']!r} ({o['size'][0]} x {o['size'][1]} px)" for o in found[:n_shown])
+        more = f"; and {len(found) - n_shown} more pairs" if len(found) > n_shown else ""
+        problems.append(f"{f'cell {a}' if a == b else f'cells {a} and {b}'}: text lies on other text: {shown}{more}")
+    problems += [f"cell {o['cell']}: plot {o['plot']!r}: the legend covers the {o['covers']} {o['text']!r} "
+                 f"({o['size'][0]} x {o['size'][1]} px)" for o in m["legends"]]
+    return problems

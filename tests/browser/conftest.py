@@ -8,11 +8,12 @@ serve the whole session; each notebook gets a fresh page and its kernel is shut 
 Chromium is Debian's (`/usr/bin/chromium`, or $NBF_CHROMIUM); Playwright never downloads one.
 Where Chromium, Playwright or JupyterLab is missing the tests skip with the reason, except in
 CI (CI=true), where they fail with it. Screenshots go to --browser-artifacts (default
-.pytest_cache/browser/); their paths are listed at the end of the run.
+.pytest_cache/browser/); their paths are listed at the end of the run. With --browser-screenshots=DIR
+(`make screenshots`) each notebook's page and each rich output also go to DIR/<notebook>/ as PNGs.
 
 Environment: NBF_CHROMIUM (browser binary), NBF_BROWSER_RUN_TIMEOUT (seconds per notebook's
 Run All, default 300), NBF_BROWSER_ACTION_TIMEOUT (seconds for the page to change after one
-action, default 30).
+action, default 30), NBF_BROWSER_SCREENSHOTS (the same as --browser-screenshots).
 """
 
 from __future__ import annotations
@@ -59,17 +60,31 @@ def chromium_path() -> str | None:
 def pytest_addoption(parser):
     parser.addoption("--browser-artifacts", default=None,
                      help="folder for the browser tests' screenshots and logs (default .pytest_cache/browser)")
+    parser.addoption("--browser-screenshots", default=None,
+                     help="also save each notebook's page and each of its rich outputs as PNGs in DIR/<notebook>/ "
+                          "(make screenshots)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: runs notebooks in JupyterLab in headless Chromium (make test-browser)")
 
 
-def pytest_terminal_summary(terminalreporter):
+def screenshots_dir(config) -> Path | None:
+    """--browser-screenshots or $NBF_BROWSER_SCREENSHOTS (relative to the repository root); None when neither is set."""
+    # getoption with a default: this conftest is not an "initial" one under `pytest tests`, so the option may be unregistered
+    opt = config.getoption("--browser-screenshots", default=None) or os.environ.get("NBF_BROWSER_SCREENSHOTS")
+    return None if not opt else (Path(config.rootpath) / opt).resolve()
+
+
+def pytest_terminal_summary(terminalreporter, config):
     if SCREENSHOTS:
         terminalreporter.write_sep("-", "browser screenshots")
         for p in SCREENSHOTS:
             terminalreporter.write_line(p)
+    folder = screenshots_dir(config)
+    if folder is not None and folder.is_dir():
+        n = len(list(folder.glob("*/*.png")))
+        terminalreporter.write_line(f"{n} PNGs of the notebooks and their outputs in {folder}/<notebook>/")
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +94,15 @@ def browser_artifacts(pytestconfig) -> Path:
     path = Path(opt) if opt else Path(pytestconfig.rootpath) / ".pytest_cache" / "browser"
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def browser_screenshots(pytestconfig) -> Path | None:
+    """Where `make screenshots` wants each notebook's page and outputs as PNGs (screenshots_dir); else None."""
+    path = screenshots_dir(pytestconfig)
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ widget, or from a widget callback that JupyterLab sends to its log console.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -16,7 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pagejs import JS_ERRORS, JS_INSPECT, JS_KERNEL_ID, JS_OPENED, JS_RUN_ALL, JS_SCROLL_TOP, JS_SETUP, JS_SNAPSHOT, JS_STATE
+from .pagejs import (JS_ERRORS, JS_INSPECT, JS_KERNEL_ID, JS_LAYOUT, JS_MARK_OUTPUTS, JS_OPENED, JS_RUN_ALL, JS_SCROLL_TOP,
+                     JS_SETUP, JS_SNAPSHOT, JS_STATE)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -175,18 +177,41 @@ class LabNotebook:
     def errors(self) -> list[dict]:
         return self.page.evaluate(JS_ERRORS)
 
-    def screenshot(self, path, max_height: int = 12000) -> str:
-        """The whole notebook in one picture: the viewport is made as tall as the notebook, then restored."""
+    def layout(self) -> dict:
+        return self.page.evaluate(JS_LAYOUT)
+
+    @contextlib.contextmanager
+    def tall(self, max_height: int = 12000):
+        """The viewport made as tall as the notebook (same width), so every output is drawn in view; then restored."""
         size, t0 = self.page.viewport_size, time.monotonic()
         try:
             height = int(self.page.evaluate(JS_SCROLL_TOP)) + 60  # the last cell's bottom, + the status bar
             self.page.set_viewport_size({"width": size["width"], "height": max(size["height"], min(height, max_height))})
             self.page.wait_for_timeout(700)  # plotly relayouts on resize
-            self.page.screenshot(path=str(path))
+            yield
         finally:
             self.page.set_viewport_size(size)
             self.run.timings["screenshots"] = round(self.run.timings.get("screenshots", 0) + time.monotonic() - t0, 1)
+
+    def screenshot(self, path) -> str:
+        """The whole notebook in one picture."""
+        with self.tall():
+            self.page.screenshot(path=str(path))
         return str(path)
+
+    def screenshot_outputs(self, folder: Path) -> list[str]:
+        """A picture of each rich output (widget view, plot, HTML, image; not printed text), as
+        folder/cellNN-K.png: cell NN of the notebook (counting every cell from 0), its Kth output."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("cell*.png"):  # from an earlier run, when the notebook had other outputs
+            old.unlink()
+        paths = []
+        with self.tall():
+            for name in self.page.evaluate(JS_MARK_OUTPUTS):
+                path = folder / f"{name}.png"
+                self.page.locator(f'[data-nbf-shot="{name}"]').screenshot(path=str(path))
+                paths.append(str(path))
+        return paths
 
     # -- interacting ---------------------------------------------------------------------------
     def _wait_change(self, before: dict, timeout_s: float, quiet_s: float = 2.0) -> list[str]:

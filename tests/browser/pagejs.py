@@ -132,3 +132,118 @@ JS_SCROLL_TOP = """() => {
   const last = cells.length ? cells[cells.length - 1].node.getBoundingClientRect() : {bottom: 0};
   return Math.ceil(last.bottom);  // page y of the last cell's bottom, scrolled to the top
 }"""
+
+# Can the text in the outputs be read? Three measures, each a list of what is wrong (plots' insides are left to 4.):
+# 1. overflows: an element (not a plot) whose text runs past its own box, where that box neither scrolls nor clips
+#    (overflow-x visible, scrollWidth > clientWidth + 1); only the innermost such box, not every ancestor it widens.
+#    Not counted: a list box's options (the list box clips them), and a table in an HTML output that is not a widget
+#    (a wide DataFrame scrolls with its output, overflow-x: auto, as JupyterLab shows every DataFrame).
+# 2. overlaps: two runs of text (or a text run and an input field) of distinct elements, neither inside the other,
+#    whose boxes intersect by more than 2 px each way and by more than a quarter of the lower one's height (a line
+#    box is often a little taller than its line-height); each box is first cut by the ancestors in its output that
+#    clip it, as a user sees it. Within and across cells.
+# 3. legends: a plotly legend's box over the plot's title or an annotation (subplot titles are annotations).
+JS_LAYOUT = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const say = (s, n = 50) => { s = (s || '').replace(/\\s+/g, ' ').trim(); return s.length > n ? s.slice(0, n - 1) + '…' : s; };
+  const tag = (e) => [e.tagName.toLowerCase()].concat(Array.from(e.classList)
+    .filter(c => !/^(lm-|jupyter-widgets$|widget-inline-)/.test(c)).slice(0, 2)).join('.');
+  const inPlot = (e) => !!e.closest('.js-plotly-plot, svg');
+  const overlap = (a, b) => [Math.min(a.right, b.right) - Math.max(a.left, b.left), Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top)];
+  const clipped = (r, el, out) => {  // the part of box r of el not cut away by an ancestor (up to its output) that clips
+    let {left, right, top, bottom} = r;
+    for (let e = el; e; e = e === out ? null : e.parentElement) {
+      const cs = getComputedStyle(e);
+      if (cs.overflowX === 'visible' && cs.overflowY === 'visible') continue;
+      const b = e.getBoundingClientRect();
+      if (cs.overflowX !== 'visible') { left = Math.max(left, b.left); right = Math.min(right, b.right); }
+      if (cs.overflowY !== 'visible') { top = Math.max(top, b.top); bottom = Math.min(bottom, b.bottom); }
+    }
+    return {left, right, top, bottom};
+  };
+  const text = (e) => {  // the text a user reads in e, plots left out
+    const walk = document.createTreeWalker(e, NodeFilter.SHOW_TEXT);
+    let s = '';
+    for (let t = walk.nextNode(); t && s.length < 200; t = walk.nextNode())
+      if (!inPlot(t.parentElement) && !t.parentElement.closest('script, style')) s += t.textContent;
+    return s.trim();
+  };
+  const overflows = [], boxes = [], legends = [];
+  w.content.widgets.forEach((cell, index) => {
+    if (cell.model.type !== 'code') return;
+    const outs = Array.from(cell.node.querySelectorAll('.jp-OutputArea-output'));
+    let wide = [];
+    for (const out of outs) for (const e of out.querySelectorAll('*')) {
+      if (e.clientWidth === 0 || e.scrollWidth <= e.clientWidth + 1 || inPlot(e) || e.closest('select')) continue;
+      if (!e.closest('.jupyter-widgets') && Array.from(e.children).some(c => c.tagName === 'TABLE')) continue;
+      if (getComputedStyle(e).overflowX === 'visible' && text(e)) wide.push(e);
+    }
+    wide.filter(e => !wide.some(o => o !== e && e.contains(o))).forEach(e =>
+      overflows.push({cell: index, what: tag(e), text: say(text(e)), width: e.scrollWidth, box: e.clientWidth}));
+    const range = document.createRange();
+    for (const out of outs) {
+      const walk = document.createTreeWalker(out, NodeFilter.SHOW_TEXT);
+      for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+        const el = t.parentElement;
+        if (!t.textContent.trim() || inPlot(el) || el.closest('option, script, style')) continue;
+        if (getComputedStyle(el).visibility !== 'visible') continue;
+        range.selectNodeContents(t);
+        for (const r of range.getClientRects()) boxes.push({cell: index, el, text: t.textContent, r: clipped(r, el, out)});
+      }
+      for (const el of out.querySelectorAll('input:not([type=hidden]), textarea, select')) {
+        if (!inPlot(el) && getComputedStyle(el).visibility === 'visible')
+          boxes.push({cell: index, el, text: el.value || el.placeholder || tag(el), r: clipped(el.getBoundingClientRect(), el, out)});
+      }
+      const plots = out.classList.contains('js-plotly-plot') ? [out] : Array.from(out.querySelectorAll('.js-plotly-plot'));
+      for (const p of plots) {
+        const bg = p.querySelector('.legend rect.bg');
+        if (!bg) continue;
+        const lr = bg.getBoundingClientRect();
+        for (const t of p.querySelectorAll('.gtitle, .annotation-text')) {
+          const [ox, oy] = overlap(lr, t.getBoundingClientRect());
+          if (ox > 2 && oy > 2 && t.textContent.trim())
+            legends.push({cell: index, plot: say((p.querySelector('.gtitle') || {textContent: ''}).textContent),
+                          covers: t.classList.contains('gtitle') ? 'title' : 'subplot title / annotation',
+                          text: say(t.textContent), size: [Math.round(ox), Math.round(oy)]});
+        }
+      }
+    }
+  });
+  // a sweep down the page: each box against those that start above its bottom
+  const shown = boxes.filter(b => b.r.right - b.r.left > 1 && b.r.bottom - b.r.top > 1).sort((a, b) => a.r.top - b.r.top);
+  const ids = new Map(), pairs = new Map();
+  const id = (el) => { if (!ids.has(el)) ids.set(el, ids.size); return ids.get(el); };
+  for (let i = 0; i < shown.length && pairs.size < 200; i++) {
+    const a = shown[i];
+    for (let j = i + 1; j < shown.length && shown[j].r.top < a.r.bottom; j++) {
+      const b = shown[j];
+      if (a.el.contains(b.el) || b.el.contains(a.el)) continue;
+      const [ox, oy] = overlap(a.r, b.r);
+      if (ox <= 2 || oy <= 2 || oy <= 0.25 * Math.min(a.r.bottom - a.r.top, b.r.bottom - b.r.top)) continue;
+      const key = id(a.el) + ' ' + id(b.el);
+      if (!pairs.has(key))
+        pairs.set(key, {cell: a.cell, other: b.cell, a: say(a.text), b: say(b.text), size: [Math.round(ox), Math.round(oy)]});
+    }
+  }
+  return {overflows, overlaps: Array.from(pairs.values()), legends, texts: shown.length};
+}"""
+
+# Mark each rich output (not printed text, not an error) with data-nbf-shot="cellNN-K" (NN: the cell's index in the
+# notebook, K: the output's place in it, from 1) for LabNotebook.screenshot_outputs; returns the names.
+JS_MARK_OUTPUTS = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const plain = ['application/vnd.jupyter.stdout', 'application/vnd.jupyter.stderr', 'text/plain'];
+  const names = [];
+  w.content.widgets.forEach((cell, index) => {
+    if (cell.model.type !== 'code') return;
+    const nodes = cell.node.querySelectorAll('.jp-Cell-outputArea > .jp-OutputArea-child > .jp-OutputArea-output, .jp-Cell-outputArea > .jp-OutputArea > .jp-OutputArea-child > .jp-OutputArea-output');
+    nodes.forEach((n, k) => {
+      const r = n.getBoundingClientRect();
+      if (plain.includes(n.dataset.mimeType) || r.width < 2 || r.height < 2) return;
+      const name = `cell${String(index).padStart(2, '0')}-${k + 1}`;
+      n.dataset.nbfShot = name;
+      names.push(name);
+    });
+  });
+  return names;
+}"""

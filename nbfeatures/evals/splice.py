@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import metrics, sites
-from .edits import Ablate, Splice, Transcode, as_dictionary
-from .harvest import token_batches
+from .. import metrics, sites
+from ..edits import Ablate, Splice, Transcode, as_dictionary
+from ..harvest import token_batches
 
 
 def _check_size(name: str, value: Any) -> None:
