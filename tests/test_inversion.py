@@ -461,7 +461,8 @@ def test_inversion_figure_and_summary():
     assert any(s.type == "line" and s.x0 == 0.1 for s in fig.layout.shapes)
     assert shared_tokens(toks, [2, 2, 1], [True, True, False]) == [
         {"offset": 0, "token": ":", "share": 1.0, "n": 2}, {"offset": -2, "token": "<s>", "share": 1.0, "n": 2}]
-    assert "font-weight:bold'>b<" in query_html(["<s>", "b"], 1)
+    from nbfeatures.plots.inversion import QUERY_STYLE
+    assert [QUERY_STYLE in s for s in query_html(["<s>", "b"], 1).split('<span class="nbf-tok')[1:]] == [False, True]
     with pytest.raises(ValueError, match="one entry per sample"):
         inversion_samples(toks, [0.1], [[0]], [0], 0.1)
 

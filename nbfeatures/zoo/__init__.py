@@ -174,11 +174,18 @@ def _load_checked(folder: Path):
     if not any(f in files for f in WEIGHT_FILES):
         raise ValueError(f"{folder} has no weights (expected one of {list(WEIGHT_FILES)}); files there: {files}")
     # Load leniently, then refuse anything transformers would have filled with random values.
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a notebook cell
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # corrupt JSON or weights, an unknown model_type
         raise ValueError(f"{folder} is not a loadable transformers model folder (config.json or weights corrupt, truncated "
                          f"or of an unknown model type): {type(err).__name__}: {err}") from err  # fmt: skip
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     mismatched = sorted(info["mismatched_keys"], key=lambda m: m[0])  # by name: the same message on every run
     problems = [f"{k}: saved {tuple(saved)}, config expects {tuple(want)}" for k, saved, want in mismatched]
     problems += [f"{k}: the config's model needs it but the weights lack it" for k in sorted(info["missing_keys"])]
