@@ -20,6 +20,7 @@ from .prompt_features import PromptFeatures, prompt_features, prompt_features_fn
 from .sites import GenerateOutput, Model, RunOutput, generate, read_acts, resolve, run, site_names, tokenizer_of, unwrap
 from .steering import steering_fn, token_strings
 from .train import TrainConfig, train_sae
+from .train_many import train_many
 from .widgets import FeatureGallery, FSMPanel, InversionPanel, LiveCurves, SteeringPanel
 from .widgets import PromptView
 from .zoo import load_model, wrap
@@ -29,7 +30,7 @@ __all__ = [
     "Model", "wrap", "load_model", "unwrap", "tokenizer_of", "site_names", "resolve",
     "read_acts", "run", "generate", "RunOutput", "GenerateOutput",
     "Edit", "Splice", "Transcode", "Steer", "Ablate", "as_dictionary", "decoder_rows",
-    "harvest", "TokenSource", "train_sae", "TrainConfig", "evaluate_sae", "compare_density",
+    "harvest", "TokenSource", "train_sae", "train_many", "TrainConfig", "evaluate_sae", "compare_density",
     "summarize_features", "FeatureSummary", "steering_fn", "token_strings",
     "CodebookModel", "load_codebook_model", "ForceCodes", "BlockCodes", "PatchCodes",
     "FeatureGallery", "FSMPanel", "InversionPanel", "LiveCurves", "SteeringPanel",

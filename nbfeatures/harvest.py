@@ -364,10 +364,18 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class TensorSource:
-    """Batches of rows from a [N, D] table (tensor or memory-mapped cache), a new permutation per epoch."""
+    """Batches of rows from a [N, D] table (tensor or memory-mapped cache), a new permutation per epoch.
 
-    def __init__(self, acts: Any, batch_size: int, seed: int = 0):
+    With `world` > 1 (distributed training) this process's part of each batch: rows rank::world of it, the only rows
+    read, so the ranks' parts make up the batch one process would draw."""
+
+    def __init__(self, acts: Any, batch_size: int, seed: int = 0, *, rank: int = 0, world: int = 1):
         batch_size, seed = int_arg("TensorSource", "batch_size", batch_size), int_arg("TensorSource", "seed", seed, minimum=0)
+        world = int_arg("TensorSource", "world", world)
+        rank = int_arg("TensorSource", "rank", rank, minimum=0, maximum=world - 1)
+        if batch_size % world:
+            raise ValueError(f"TensorSource: batch_size={batch_size} does not split evenly over {world} processes; "
+                             f"use a multiple of {world}")  # fmt: skip
         if isinstance(acts, np.ndarray):
             acts = torch.from_numpy(acts)
         if not isinstance(acts, (Tensor, _ShardedTable)) or len(acts.shape) != 2:
@@ -375,7 +383,7 @@ class TensorSource:
                              f"cache[site]); got {type(acts).__name__} of shape {list(getattr(acts, 'shape', []))}")  # fmt: skip
         if len(acts) < batch_size:
             raise ValueError(f"need at least batch_size={batch_size} activations, got {len(acts)}")
-        self.acts, self.batch_size, self.seed = acts, batch_size, seed
+        self.acts, self.batch_size, self.seed, self.rank, self.world = acts, batch_size, seed, rank, world
         self.per_epoch = len(acts) // batch_size
         self._epoch, self._perm = -1, None
 
@@ -385,7 +393,10 @@ class TensorSource:
             self._epoch = epoch
             self._perm = torch.randperm(len(self.acts), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         rows = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-        out = torch.as_tensor(self.acts[rows.sort().values.numpy() if isinstance(self.acts, _ShardedTable) else rows])
+        if isinstance(self.acts, _ShardedTable):
+            rows = rows.sort().values  # read in file order
+        rows = rows[self.rank::self.world]
+        out = torch.as_tensor(self.acts[rows.numpy() if isinstance(self.acts, _ShardedTable) else rows])
         return out if not out.is_floating_point() else out.float()
 
 

@@ -15,6 +15,12 @@ tensors, Adam's state and the objective's state as safetensors plus the step, hi
 config and a fingerprint of the data (a hash of batch 0) as JSON. Resuming gives bit-for-bit the weights of an
 uninterrupted run; resuming with another module, objective or training config is refused with a message naming
 the difference, and so is resuming on other data unless asked for (`resume="must"`).
+
+With `distributed=True` under torchrun each process trains on its rows of every batch and gradients are averaged
+(`nbfeatures.distributed`); rank 0 writes the checkpoints while the others wait, and a checkpoint resumes on any
+number of processes. `metrics_file` receives every history row as a line of JSON (rank 0 appends it), which a
+notebook follows with `LiveCurves.follow`. `train_many` (in `train_many.py`) drives several modules over shared
+batches through the same `_Run`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._checks import bool_arg, choice_arg, int_arg, real_arg
 from ._io import atomic_folder, load_json, load_tensors, save_json, save_tensors
 from .harvest import TensorSource, _ShardedTable
@@ -70,6 +77,10 @@ class TrainConfig:
     # (refusing it, naming the difference, otherwise); "must" refuses to start without one and may resume on other
     # data; "never" refuses a folder that already holds a checkpoint
     resume: Literal["auto", "never", "must"] = "auto"
+    # join torchrun's process group (gloo on CPU, nccl on GPU) and train data-parallel: rank r takes rows r::world of
+    # each batch; without a launcher (WORLD_SIZE unset or 1) one process, as in a notebook. See nbfeatures.distributed
+    distributed: bool = False
+    metrics_file: str | None = None  # every history row as a line of JSON, appended by rank 0 (a resume rewrites it)
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen: store normalised values)
@@ -95,6 +106,11 @@ class TrainConfig:
             if not isinstance(self.checkpoint_dir, (str, os.PathLike)) or not os.fspath(self.checkpoint_dir):
                 raise ValueError(f"TrainConfig: checkpoint_dir must be a folder path (str or Path) or None, got {self.checkpoint_dir!r}")
             put("checkpoint_dir", os.fspath(self.checkpoint_dir))
+        if self.metrics_file is not None:
+            if not isinstance(self.metrics_file, (str, os.PathLike)) or not os.fspath(self.metrics_file):
+                raise ValueError(f"TrainConfig: metrics_file must be a file path (str or Path) or None, got {self.metrics_file!r}")
+            put("metrics_file", os.fspath(self.metrics_file))
+        bool_arg("TrainConfig", "distributed", self.distributed)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
         if self.resume != "auto" and not self.checkpoint_dir:
@@ -121,68 +137,114 @@ def train(module: nn.Module, source: Any, cfg: TrainConfig, objective: Objective
           progress: bool = True, desc: str = "train") -> pd.DataFrame:  # fmt: skip
     """Train `module` on `source.batch(step)` with `objective`; returns the history (one row per logged step)."""
     _check_train_args(module, source, cfg, objective, callbacks, progress)
-    base_lr = cfg.lr or getattr(getattr(module, "cfg", None), "default_lr", 1e-3)
-    opt = _optimizer(module, objective, base_lr, cfg)
-    start, history, smooth, data = 0, [], None, None
-    ckpt_dir = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if ckpt_dir is not None:
-        if ckpt_dir.exists() and not ckpt_dir.is_dir():
-            raise ValueError(f"TrainConfig: checkpoint_dir {ckpt_dir} is a file; it must be a folder (new or holding checkpoints)")
-        latest = latest_checkpoint(ckpt_dir)
-        if latest is not None and cfg.resume == "never":
-            raise ValueError(f"{ckpt_dir} already holds a checkpoint ({latest.name}) and resume='never'; use another "
-                             f"checkpoint_dir, delete this one, or resume='auto' to continue it")  # fmt: skip
-        if latest is None and cfg.resume == "must":
-            raise ValueError(f"resume='must' but {ckpt_dir} holds no checkpoint (step_* folder) to resume")
-        data = data_fingerprint(source)  # before anything steps: batch 0 as a fresh run sees it
-        if latest is not None:
-            start, history, smooth = load_checkpoint(latest, module, opt, objective, cfg, data=data)
-    module.train()
+    comm = distributed.join(cfg.distributed, next(module.parameters()).device)
+    local = distributed.shard(source, comm)  # this rank's rows of each batch
+    run = _Run(module, objective, cfg, lambda: data_fingerprint(source), comm, data_parallel=comm.world > 1)
     try:
-        device = next(module.parameters()).device
-        elapsed0 = history[-1]["elapsed_s"] if history else 0.0
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=desc)
-        t0 = time.perf_counter()
+        metrics = distributed.MetricsFile.start(cfg.metrics_file, run.history) if comm.rank == 0 else None
+        bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, disable=not progress or comm.rank > 0, desc=desc)
         for step in bar:
             extra = objective.before_step_(step) if hasattr(objective, "before_step_") else None
-            batch = _to(source.batch(step), device)
-            first = batch[0] if isinstance(batch, tuple) else batch
-            if isinstance(first, Tensor) and first.is_floating_point() and not torch.isfinite(first).all():
-                raise ValueError(f"step {step}: the batch contains non-finite values (NaN or inf)")
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(cfg, step)
-            loss, logs = objective(batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise ValueError(f"step {step}: loss is {value}; lower the learning rate or check the data")
-            opt.zero_grad(set_to_none=True)
-            # not loss.backward(): importing nnsight patches Tensor.backward to look for a `with` block first
-            torch.autograd.backward(loss)
-            if hasattr(module, "before_step_"):
-                module.before_step_()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            opt.step()
-            if hasattr(module, "after_step_"):
-                module.after_step_()
-            if hasattr(objective, "after_step_"):
-                objective.after_step_(step + 1)
-            smooth = value if smooth is None else 0.98 * smooth + 0.02 * value
-            if extra or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                row = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "tokens": (step + 1) * _batch_items(batch),
-                       "elapsed_s": elapsed0 + time.perf_counter() - t0, "smooth_loss": smooth, **logs, **(extra or {})}  # fmt: skip
-                history.append(row)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "fvu", "l0", "dead_fraction")})
+            row = run.step_(step, local.batch(step), extra)
+            if row is not None:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "fvu", "l0", "dead_fraction")})
+                if metrics is not None:
+                    metrics.append([row])
                 for cb in callbacks:
                     cb(step + 1, row)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(ckpt_dir, step + 1, module, opt, objective, history, cfg, smooth, data)
+            if run.checkpoint_due(step + 1):
+                run.save(step + 1)
         bar.close()
     finally:  # an interrupted run (an error, Ctrl-C) leaves the module in eval mode too
-        module.eval()
-    if ckpt_dir is not None and start < cfg.steps:
-        save_checkpoint(ckpt_dir, cfg.steps, module, opt, objective, history, cfg, smooth, data)
-    return pd.DataFrame(history)
+        run.close()
+    if run.ckpt_dir is not None and run.start < cfg.steps:
+        run.save(cfg.steps)
+    return pd.DataFrame(run.history)
+
+
+class _Run:
+    """One module in training: its optimiser, objective, history and checkpoints, resumed when a checkpoint is there.
+    `train` drives one over a source, `train_many` one per dictionary over shared batches; `label` (a dictionary's name)
+    leads each of its history rows. With `data_parallel` the gradients are averaged over ranks, and rank 0 saves."""
+
+    def __init__(self, module: nn.Module, objective: Any, cfg: TrainConfig, data: Callable[[], dict], comm: distributed.Comm,
+                 data_parallel: bool = False, label: str | None = None):  # fmt: skip
+        self.module, self.objective, self.cfg, self.comm, self.label = module, objective, cfg, comm, label
+        self.shards = comm.world if data_parallel else 1  # processes sharing each batch
+        base_lr = cfg.lr or getattr(getattr(module, "cfg", None), "default_lr", 1e-3)
+        self.opt = _optimizer(module, objective, base_lr, cfg)
+        self.start, self.history, self.smooth, self.data = 0, [], None, None
+        self.ckpt_dir = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        if self.ckpt_dir is not None:
+            if self.ckpt_dir.exists() and not self.ckpt_dir.is_dir():
+                raise ValueError(f"TrainConfig: checkpoint_dir {self.ckpt_dir} is a file; it must be a folder (new or holding checkpoints)")
+            latest = latest_checkpoint(self.ckpt_dir)
+            if latest is not None and cfg.resume == "never":
+                raise ValueError(f"{self.ckpt_dir} already holds a checkpoint ({latest.name}) and resume='never'; use another "
+                                 f"checkpoint_dir, delete this one, or resume='auto' to continue it")  # fmt: skip
+            if latest is None and cfg.resume == "must":
+                raise ValueError(f"resume='must' but {self.ckpt_dir} holds no checkpoint (step_* folder) to resume")
+            self.data = data()  # before anything steps: batch 0 as a fresh run sees it
+            if latest is not None:
+                self.start, self.history, self.smooth = load_checkpoint(latest, module, self.opt, objective, cfg, data=self.data)
+        self.device = next(module.parameters()).device
+        self.loss_fn, self._undo = objective, None
+        if self.shards > 1:  # after the resume: DDP starts every rank from rank 0's state
+            self.loss_fn, self._undo = distributed.data_parallel(module, objective)
+        self.elapsed0 = self.history[-1]["elapsed_s"] if self.history else 0.0
+        self.t0 = time.perf_counter()
+        module.train()
+
+    def step_(self, step: int, batch: Any, extra: dict | None = None) -> dict | None:
+        """One optimiser step on `batch`; returns the history row when this step is logged."""
+        cfg, opt, module, objective = self.cfg, self.opt, self.module, self.objective
+        batch = _to(batch, self.device)
+        first = batch[0] if isinstance(batch, tuple) else batch
+        if isinstance(first, Tensor) and first.is_floating_point() and not torch.isfinite(first).all():
+            raise ValueError(f"step {step}: the batch contains non-finite values (NaN or inf)")
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(cfg, step)
+        loss, logs = self.loss_fn(batch)
+        value = self.comm.mean(loss) if self.shards > 1 else loss.item()  # every rank stops together on a bad loss
+        if not math.isfinite(value):
+            raise ValueError(f"step {step}: loss is {value}; lower the learning rate or check the data")
+        opt.zero_grad(set_to_none=True)
+        # not loss.backward(): importing nnsight patches Tensor.backward to look for a `with` block first
+        torch.autograd.backward(loss)
+        if hasattr(module, "before_step_"):
+            module.before_step_()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        if hasattr(module, "after_step_"):
+            module.after_step_()
+        if hasattr(objective, "after_step_"):
+            objective.after_step_(step + 1)
+        self.smooth = value if self.smooth is None else 0.98 * self.smooth + 0.02 * value
+        if not (extra or (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            return None
+        logs = self.comm.mean_logs(logs) if self.shards > 1 else logs
+        row = {"dictionary": self.label} if self.label is not None else {}
+        row.update({"step": step + 1, "lr": opt.param_groups[0]["lr"], "tokens": (step + 1) * _batch_items(batch) * self.shards,
+                    "elapsed_s": self.elapsed0 + time.perf_counter() - self.t0, "smooth_loss": self.smooth, **logs, **(extra or {})})  # fmt: skip
+        self.history.append(row)
+        return row
+
+    def checkpoint_due(self, step: int) -> bool:
+        return bool(self.cfg.checkpoint_every) and step % self.cfg.checkpoint_every == 0 and step < self.cfg.steps
+
+    def save(self, step: int) -> None:
+        """Write the checkpoint at `step`: rank 0 for data-parallel runs while the others wait, else this process."""
+        if self.shards == 1 or self.comm.rank == 0:
+            save_checkpoint(self.ckpt_dir, step, self.module, self.opt, self.objective, self.history, self.cfg, self.smooth, self.data)
+        if self.shards > 1:
+            self.comm.barrier()
+
+    def close(self) -> None:
+        self.module.eval()
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
 
 
 def train_sae(sae: nn.Module, source: Any, cfg: TrainConfig, objective: Objective | None = None,
@@ -294,8 +356,9 @@ def _optimizer(module: nn.Module, objective: Any, base_lr: float, cfg: TrainConf
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# fields that may differ between a run and the one it resumes: how long it runs and how often it logs or saves
-_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "checkpoint_dir", "resume"}
+# fields that may differ between a run and the one it resumes: how long it runs, how often it logs or saves, and on how
+# many processes (each process's rows make up the same global batch)
+_RESUMABLE_CHANGES = {"steps", "log_every", "checkpoint_every", "checkpoint_dir", "resume", "distributed", "metrics_file"}
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> pathlib.Path | None:

@@ -4,7 +4,7 @@ Layers, bottom up (a module may import from its own layer or a lower one):
     base     edits, metrics, data/, plots/, _io, _versions      no model wrapping
     sites    architectures.py (the site table), sites.py       sites.py is the only module that imports nnsight
     zoo      zoo/                                              shipped assets and the one checked loader
-    methods  harvest, train, sae/, codebook/, inversion/, evals, features, steering, course/
+    methods  harvest, train, train_many, distributed, sae/, codebook/, inversion/, evals, features, steering, course/
     widgets  widgets/                                          only plots/ and widgets/ from nbfeatures; no torch
     recipes  recipes/                                          the scripts that rebuild the zoo
     api      nbfeatures/__init__.py
@@ -25,9 +25,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("nbfeatures._checks", "nbfeatures._hub", "nbfeatures._io", "nbfeatures._versions", "nbfeatures.edits", "nbfeatures.metrics", "nbfeatures.data", "nbfeatures.plots")),
     ("sites", ("nbfeatures.architectures", "nbfeatures.attention_patterns", "nbfeatures.sites")),
     ("zoo", ("nbfeatures.zoo",)),
-    ("methods", ("nbfeatures.harvest", "nbfeatures.train", "nbfeatures.sae", "nbfeatures.codebook", "nbfeatures.inversion",
-                 "nbfeatures.evals", "nbfeatures.features", "nbfeatures.steering", "nbfeatures.course",
-                 "nbfeatures.prompt_features")),
+    ("methods", ("nbfeatures.harvest", "nbfeatures.train", "nbfeatures.train_many", "nbfeatures.distributed", "nbfeatures.sae",
+                 "nbfeatures.codebook", "nbfeatures.inversion", "nbfeatures.evals", "nbfeatures.features", "nbfeatures.steering",
+                 "nbfeatures.course", "nbfeatures.prompt_features")),
     ("widgets", ("nbfeatures.widgets",)),
     ("recipes", ("nbfeatures.recipes",)),
     ("api", ("nbfeatures",)),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import nbfeatures.widgets.figure as figure_mod
+import nbfeatures.widgets.gallery as gallery_mod
 from nbfeatures.features import summarize_features
 from nbfeatures.plots import ema
 from nbfeatures.widgets import FeatureGallery, LiveCurves, SteeringPanel, figure_widgets_available
@@ -261,6 +262,8 @@ def test_gallery_figures_equal_the_pure_functions_after_each_change(live, monkey
         card = data.card(f)
         hist = activation_histogram(card.hist_counts, card.hist_edges, card.density, f"feature {f}: activations when firing")
         bars = output_tokens_bar(card.pos_tokens, card.pos_values, card.neg_tokens, card.neg_values)
+        for ref in (hist, bars):  # at the width that fits the card column
+            ref.update_layout(width=gallery_mod.CARD_FIGURE_WIDTH)
         assert plain(gallery.hist_fig) == plain(hist) and plain(gallery.logits_fig) == plain(bars)
         if live:  # the snapshot a new view starts from is the figure too
             for fig, ref in ((gallery.hist_fig, hist), (gallery.logits_fig, bars)):

@@ -14,7 +14,7 @@ import numpy as np
 from ._checks import as_int
 from .tokens import STEERED_STYLE, looks_word_level, tokens_html
 
-_LABEL = "color:#888; flex:none; width:11em; font-family: ui-monospace, monospace; font-size: 12px; line-height: 1.9"
+_LABEL = "color:#888; flex:none; width:13em; white-space:nowrap; font-family: ui-monospace, monospace; font-size: 12px; line-height: 1.9"
 
 
 def shaded_tokens(tokens: Sequence[str], acts: Sequence[float], max_act: float, center: int | None = None,

@@ -88,8 +88,10 @@ def token_features_table(ids: Sequence[int], values: Sequence[float], *, names: 
     for r, (f, v) in enumerate(zip(ids, values)):
         bg = " style='background:rgba(31,119,180,0.15)'" if feature is not None and f == feature else ""
         bar = f"<div style='background:#ff7f0e; height:8px; width:{100 * abs(v) / scale:.0f}%'></div>"
-        rows.append(f"<tr{bg}><td>{r + 1}</td><td>#{f}</td><td style='text-align:right'>{v:.3g}</td>"
+        rows.append(f"<tr{bg}><td>{r + 1}</td><td>#{f}</td><td style='text-align:right; padding-right:.8em'>{v:.3g}</td>"
                     f"<td style='width:8em'>{bar}</td><td>{html.escape(_name(names, int(f)))}</td></tr>")
     return (head + "<table style='font-family: ui-monospace, monospace; font-size:12px; border-collapse:collapse'>"
-            "<tr style='color:#888'><th>rank</th><th>feature</th><th>value</th><th></th><th>name</th></tr>"
+            "<tr style='color:#888; text-align:left'><th style='padding:0 .8em 0 0'>rank</th>"
+            "<th style='padding:0 .8em 0 0'>feature</th><th style='padding:0 .8em 0 0; text-align:right'>value</th>"
+            "<th></th><th style='padding-left:.5em'>name</th></tr>"
             + "".join(rows) + "</table>")

@@ -9,6 +9,11 @@ Adding one: a file in `sae/` with its config, module and objective, and `registe
 Sparse kernels (cost grows with K, not F):
     gather_pre(x, W_enc, b_enc, idx, pre)  = pre[n, idx[n, j]]  whose backward touches only the K chosen columns
     sparse_decode(acts, idx, W_dec)        = sum_j acts[n, j] W_dec[idx[n, j]]   (an embedding bag)
+    chosen_pre(x, b_dec, W_enc, b_enc, idx, vals)  as gather_pre, for values found without an [N, F] pre (below)
+Bounded memory (cost still O(N F D), memory O(rows x block)):
+    blocked_topk(x, W_enc, b_enc, k, block)  each token's top k of pre, one [rows, block] tile at a time, with a
+                                             running top-k (and, in the same pass, a top-k over candidate latents)
+    dead_topk(...)                           AuxK's top k_aux among the dead latents from those candidates
 
 Dimension key: N tokens, D input dim, F latents, K active latents.
 """
@@ -87,6 +92,46 @@ class _GatherPre(torch.autograd.Function):
 def gather_pre(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, pre_NF: Tensor) -> Tensor:
     """The pre-activations at the chosen latents, differentiable with a sparse backward."""
     return _GatherPre.apply(x_ND, W_enc_DF, b_enc_F, idx_NK, pre_NF)
+
+
+class _ChosenPre(torch.autograd.Function):
+    """out = (x - b_dec) . W_enc[:, idx] + b_enc[idx] whose values `vals` are already known (blocked_topk found them);
+    the backward is _GatherPre's, sparse in the chosen latents, and b_dec's gradient is -W_enc grad_b_enc (a GEMV,
+    no [N, D] detour through the K chosen columns)."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, vals_NK: Tensor) -> Tensor:
+        ctx.save_for_backward(x_ND - b_dec_D, W_enc_DF, idx_NK)
+        return vals_NK.clone()
+
+    @staticmethod
+    def backward(ctx, g_NK: Tensor):
+        xc_ND, W_enc_DF, idx_NK = ctx.saved_tensors
+        need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
+        N, K = idx_NK.shape
+        F_ = W_enc_DF.shape[1]
+        g_NK = g_NK.contiguous()
+        grad_x = grad_b_dec = grad_W = grad_b_enc = None
+        if need_b_enc or need_b_dec:
+            grad_b_enc = torch.zeros(F_, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
+        if need_x:
+            grad_x = F.embedding_bag(idx_NK, W_enc_DF.t().contiguous(), per_sample_weights=g_NK, mode="sum")
+        if need_b_dec:
+            grad_b_dec = -(W_enc_DF @ grad_b_enc)
+        if need_W:
+            rows = torch.arange(N, device=idx_NK.device).repeat_interleave(K)
+            G_FN = torch.sparse_coo_tensor(
+                torch.stack([idx_NK.reshape(-1), rows]), g_NK.reshape(-1), (F_, N), check_invariants=False
+            ).coalesce()
+            grad_W = torch.sparse.mm(G_FN, xc_ND).t()
+            if grad_W.stride() != W_enc_DF.stride():  # in W_enc's own layout, so the grad is kept as is (no clone)
+                grad_W = grad_W.contiguous()
+        return grad_x, grad_b_dec, grad_W, grad_b_enc if need_b_enc else None, None, None
+
+
+def chosen_pre(x_ND: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, vals_NK: Tensor) -> Tensor:
+    """The pre-activations `vals` [N, K] at latents `idx`, differentiable with a sparse backward (no [N, F] needed)."""
+    return _ChosenPre.apply(x_ND, b_dec_D, W_enc_DF, b_enc_F, idx_NK, vals_NK)
 
 
 def sparse_decode(acts_NK: Tensor, idx_NK: Tensor, W_dec_FD: Tensor) -> Tensor:
@@ -199,11 +244,99 @@ class FiringTracker:
         self.tokens_since_fired[fired_F.cpu()] = 0
         return self.tokens_since_fired >= self.dead_tokens
 
+    def dying(self, n_tokens: int) -> Tensor:
+        """The latents a batch of n_tokens leaves dead unless they fire in it (update's dead mask is a subset)."""
+        return self.tokens_since_fired + n_tokens >= self.dead_tokens
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"tokens_since_fired": self.tokens_since_fired.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.tokens_since_fired = state["tokens_since_fired"].clone().long()
+
+
+_TILE = 1 << 23  # pre-activations held at once by blocked_topk: 32 MiB in float32
+
+
+def _running_topk(top: tuple[Tensor, Tensor] | None, vals_NC: Tensor, ids_NC: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top k of `top` and one more block of (values, latent ids), unsorted; a block of <= k values is kept whole."""
+    if vals_NC.shape[1] > k:
+        vals_NC, j = vals_NC.topk(k, dim=1, sorted=False)
+        ids_NC = ids_NC.expand(len(vals_NC), -1).gather(1, j)
+    else:
+        vals_NC, ids_NC = vals_NC.clone(), ids_NC.expand(len(vals_NC), -1)
+    if top is None:
+        return vals_NC, ids_NC
+    vals, ids = torch.cat([top[0], vals_NC], 1), torch.cat([top[1], ids_NC], 1)
+    if vals.shape[1] <= k:
+        return vals, ids
+    vals, j = vals.topk(k, dim=1, sorted=False)
+    return vals, ids.gather(1, j)
+
+
+@torch.no_grad()
+def blocked_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, block_size: int, aux_F: Tensor | None = None,
+                 k_aux: int = 0, cols_G: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """Each token's top k of pre = x W_enc + b_enc, without the [N, F] matrix: (vals [N, k] sorted descending, idx).
+
+    pre is computed a tile of [rows, block_size] latents at a time into one reused buffer (rows = 2^23 / block_size,
+    so the tile is 32 MiB in float32), each tile's top k merged into a running top k. With aux_F (bool [F]) the same
+    pass also keeps each token's top k_aux among those latents: (aux_vals, aux_idx) [N, min(k_aux, aux_F.sum())],
+    unsorted, else None. cols_G (latent ids) searches those latents only. x is x - b_dec (its caller's business).
+    """
+    N, D = x_ND.shape
+    ids_F = None if cols_G is None else cols_G.to(x_ND.device)
+    F_ = W_enc_DF.shape[1] if ids_F is None else len(ids_F)
+    k, C = min(k, F_), min(block_size, F_)
+    R = max(1, min(N, _TILE // C))
+    buf = x_ND.new_empty(R * C)
+    vals, idx = x_ND.new_empty(N, k), torch.empty(N, k, dtype=torch.long, device=x_ND.device)
+    aux_vals = aux_idx = None
+    if aux_F is not None:
+        aux_ids = aux_F.to(x_ND.device).nonzero().squeeze(1)
+        k_aux = min(k_aux, len(aux_ids))
+        bounds = torch.searchsorted(aux_ids, torch.arange(0, F_ + C, C, device=x_ND.device)).tolist()  # per block
+        aux_vals, aux_idx = x_ND.new_empty(N, k_aux), torch.empty(N, k_aux, dtype=torch.long, device=x_ND.device)
+    for r in range(0, N, R):
+        x_RD = x_ND[r : r + R]
+        top = aux = None
+        for b, j in enumerate(range(0, F_, C)):
+            c = min(C, F_ - j)
+            tile = buf[: len(x_RD) * c].view(len(x_RD), c)
+            if ids_F is None:
+                ids = torch.arange(j, j + c, device=x_ND.device)
+                torch.addmm(b_enc_F[j : j + c], x_RD, W_enc_DF[:, j : j + c], out=tile)
+            else:
+                ids = ids_F[j : j + c]
+                torch.addmm(b_enc_F[ids], x_RD, W_enc_DF[:, ids], out=tile)
+            top = _running_topk(top, tile, ids, k)
+            if aux_F is not None and bounds[b + 1] > bounds[b] and k_aux > 0:
+                here = aux_ids[bounds[b] : bounds[b + 1]]
+                aux = _running_topk(aux, tile.index_select(1, here - j), here, k_aux)
+        top_vals, order = top[0].sort(dim=1, descending=True)
+        vals[r : r + R], idx[r : r + R] = top_vals, top[1].gather(1, order)
+        if aux is not None:
+            aux_vals[r : r + R], aux_idx[r : r + R] = aux
+    return vals, idx, aux_vals, aux_idx
+
+
+@torch.no_grad()
+def dead_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, cand_vals: Tensor, cand_idx: Tensor, dead_F: Tensor,
+              k_aux: int, block_size: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """AuxK's choice without [N, F]: each token's top k_aux (<= dead count) among the dead latents, (vals, idx) sorted.
+
+    cand_* are blocked_topk's aux output over a superset of the dead latents (those that die unless they fire in
+    this batch). A token whose candidates hold >= k_aux dead latents has its answer among them (every dead latent
+    left out is below them all); any other token is searched again over the dead latents alone.
+    """
+    dead_F = dead_F.to(cand_idx.device)
+    is_dead = dead_F[cand_idx]
+    vals, j = cand_vals.masked_fill(~is_dead, float("-inf")).topk(k_aux, dim=1)
+    idx = cand_idx.gather(1, j)
+    redo = (is_dead.sum(1) < k_aux).nonzero().squeeze(1)
+    if len(redo):
+        vals[redo], idx[redo], _, _ = blocked_topk(x_ND[redo], W_enc_DF, b_enc_F, k_aux, block_size, cols_G=dead_F.nonzero().squeeze(1))
+    return vals, idx
 
 
 def fvu(x_hat: Tensor, x: Tensor) -> Tensor:

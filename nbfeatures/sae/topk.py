@@ -5,7 +5,10 @@
 
 Training keeps decoder rows unit-norm (renormalised after each step, the gradient's component
 along each row removed before it). The encoder's dense matmul is the only O(N F D) work: the
-chosen values are re-gathered with a sparse backward and decoded as an embedding bag.
+chosen values get a sparse backward and are decoded as an embedding bag. TopKObjective never holds
+the [N, F] pre-activations: it computes them in [rows, block_size] tiles with a running top-k, which
+also keeps each token's best AuxK candidates (latents about to die), so one pass serves both; memory
+is O(rows x block_size + N k), not O(N F). `encode_topk(x, block_size=...)` is that encoder alone.
 
 Dimension key: N tokens, D input dim (d_in), F latents (d_sae), K active latents.
 """
@@ -22,7 +25,8 @@ from torch import Tensor
 
 from .._checks import bool_arg, int_arg, real_arg, sizes_arg
 from .io import register_architecture
-from .base import FiringTracker, UnitNormSAE, check_input, dense_from_sparse, fvu, gather_pre, sparse_decode
+from .base import (FiringTracker, UnitNormSAE, blocked_topk, check_input, chosen_pre, dead_topk, dense_from_sparse, fvu,
+                   gather_pre, sparse_decode)
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class TopKOutput(NamedTuple):
     x_hat: Tensor  # [..., D]
     acts: Tensor  # [..., K] values of the active latents (>= 0)
     indices: Tensor  # [..., K] which latents
-    pre_acts: Tensor  # [..., F] before top-k, no gradient (AuxK picks dead latents from it)
+    pre_acts: Tensor  # [..., F] before top-k, no gradient (the training objective does not need it: see TopKObjective)
 
     @property
     def latents(self) -> Tensor:
@@ -67,9 +71,14 @@ class TopKSAE(UnitNormSAE):
     config_class = TopKConfig
     cfg: TopKConfig
 
-    def encode_topk(self, x: Tensor, k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending."""
+    def encode_topk(self, x: Tensor, k: int | None = None, block_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending. With block_size, the
+        pre-activations are computed that many latents at a time and never held whole: pre_acts is then None."""
         k = self.cfg.k if k is None else int_arg("TopKSAE.encode_topk", "k", k, maximum=self.cfg.d_sae)
+        if block_size is not None:
+            block_size = int_arg("TopKSAE.encode_topk", "block_size", block_size)
+            vals, idx, _, _ = blocked_topk((x - self.b_dec).detach(), self.W_enc.detach(), self.b_enc.detach(), k, block_size)
+            return torch.relu(chosen_pre(x, self.b_dec, self.W_enc, self.b_enc, idx, vals)), idx, None
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
             idx = pre.topk(k, dim=1, sorted=True).indices
@@ -103,10 +112,15 @@ class TopKObjective:
     A latent is dead once it has not fired for `dead_tokens` tokens. AuxK reconstructs the
     detached residual x - x_hat from the top `k_aux` dead latents (no b_dec: the residual has
     none), with the same FVU reduction as the main loss, so the two terms are on one scale.
+
+    block_size: encoder latents per tile (memory O(N k + 2^23), never the [N, F] pre-activations; the running
+    top-k also keeps each token's top 2 k_aux among the latents that die unless they fire in this batch, so AuxK
+    needs no second pass), or None for the dense path that holds [N, F] (the reference). A compute setting, not a
+    hyperparameter: results agree to float rounding, so it is not in config_dict.
     """
 
     def __init__(self, sae: TopKSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
-                 dead_tokens: int = 10_000_000, multi_topk: bool = False):
+                 dead_tokens: int = 10_000_000, multi_topk: bool = False, block_size: int | None = 8192):
         if not hasattr(sae, "encode_topk") or not isinstance(getattr(sae, "cfg", None), TopKConfig):
             raise ValueError(f"TopKObjective: sae must be a TopKSAE (with encode_topk and a TopKConfig), got {type(sae).__name__}")
         aux_coef = real_arg("TopKObjective", "aux_coef", aux_coef)
@@ -115,31 +129,47 @@ class TopKObjective:
             raise ValueError(f"TopKObjective: multi_topk needs 4 * k <= d_sae, got k={sae.cfg.k}, d_sae={sae.cfg.d_sae}")
         self.sae, self.aux_coef, self.multi_topk = sae, aux_coef, multi_topk
         self.k_aux = max(1, sae.cfg.d_in // 2) if k_aux is None else int_arg("TopKObjective", "k_aux", k_aux)
+        self.block_size = None if block_size is None else int_arg("TopKObjective", "block_size", block_size)
         self.firing = FiringTracker(sae.cfg.d_sae, dead_tokens)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         sae, k = self.sae, self.sae.cfg.k
         x = check_input(type(self).__name__, x, sae.cfg.d_in, sae.W_enc.dtype)  # it skips forward: check here
-        acts_all, idx_all, pre = sae.encode_topk(x, 4 * k if self.multi_topk else k)
-        acts, idx = acts_all[:, :k], idx_all[:, :k]
-        x_hat = sae.decode_sparse(acts, idx)
+        k_all = 4 * k if self.multi_topk else k
+        W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        with torch.no_grad():  # choose the latents; their values get gradients below, in one sparse call
+            xc = x - sae.b_dec
+            if self.block_size is None:
+                pre = torch.addmm(b_enc, xc, W_enc)
+                vals, idx = pre.topk(k_all, dim=1)
+            else:
+                dying = self.firing.dying(len(x)) if self.aux_coef > 0 else None
+                vals, idx, cand_vals, cand_idx = blocked_topk(xc, W_enc, b_enc, k_all, self.block_size, dying, 2 * self.k_aux)
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=idx.device)
+            fired[idx[:, :k][vals[:, :k] > 0]] = True
+        dead = self.firing.update(fired, x.shape[0])
+        n_aux = min(self.k_aux, int(dead.sum())) if self.aux_coef > 0 else 0
+        if n_aux:
+            with torch.no_grad():
+                if self.block_size is None:
+                    aux_vals, aux_idx = pre.masked_fill(~dead.to(pre.device), float("-inf")).topk(n_aux, dim=1)
+                else:
+                    aux_vals, aux_idx = dead_topk(xc, W_enc, b_enc, cand_vals, cand_idx, dead, n_aux, self.block_size)
+            vals, idx = torch.cat([vals, aux_vals], 1), torch.cat([idx, aux_idx], 1)
+        acts_all = torch.relu(chosen_pre(x, sae.b_dec, sae.W_enc, sae.b_enc, idx, vals))
+        acts, idx_k = acts_all[:, :k], idx[:, :k]
+        x_hat = sae.decode_sparse(acts, idx_k)
         main = fvu(x_hat, x)
         loss = main
         logs = {"fvu": main.item(), "l0": (acts > 0).sum(1).float().mean().item()}
         if self.multi_topk:
-            multi = fvu(sae.decode_sparse(acts_all, idx_all), x)
+            multi = fvu(sae.decode_sparse(acts_all[:, :k_all], idx[:, :k_all]), x)
             loss = loss + multi / 8
             logs["fvu_4k"] = multi.item()
-        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=idx.device)
-        fired[idx[acts > 0]] = True
-        dead = self.firing.update(fired, x.shape[0])
         logs["dead_fraction"] = dead.float().mean().item()
-        if self.aux_coef > 0 and bool(dead.any()):
-            k_aux = min(self.k_aux, int(dead.sum()))
-            idx_aux = pre.masked_fill(~dead.to(pre.device), float("-inf")).topk(k_aux, dim=1).indices
-            vals_aux = torch.relu(gather_pre(x - sae.b_dec, sae.W_enc, sae.b_enc, idx_aux, pre))
+        if n_aux:
             e = (x - x_hat).detach()
-            aux = fvu(sparse_decode(vals_aux, idx_aux, sae.W_dec), e)
+            aux = fvu(sparse_decode(acts_all[:, k_all:], idx[:, k_all:], sae.W_dec), e)
             loss = loss + self.aux_coef * aux
             logs["aux_loss"] = aux.item()
         logs["loss"] = loss.item()

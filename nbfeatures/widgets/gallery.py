@@ -22,6 +22,10 @@ from ..plots._checks import as_int
 from .figure import FigureSlot, reported
 
 SEARCHED = ("best_label", "top_tokens", "top_logits")  # table columns the search box looks in
+# Fixed figure widths (px) that fit the two columns of a 1280 px window's output area (about 1100 px): inside an
+# HBox a plotly view cannot size itself to its column and falls back to 700 px, which spills under the card column
+# (the overview) or is cut at its edge (the card figures). Seen in the gallery's screenshots.
+OVERVIEW_WIDTH, CARD_FIGURE_WIDTH = 400, 660
 
 
 class FeatureGallery(ipw.VBox):
@@ -62,7 +66,7 @@ class FeatureGallery(ipw.VBox):
         self.status = ipw.HTML()
         self._hist = FigureSlot(activation_histogram_spec([], [0.0]))
         self._logits = FigureSlot(output_tokens_spec([], [], [], []))
-        self._overview = FigureSlot(feature_overview(table["density"], table["max_act"], table.index))
+        self._overview = FigureSlot(feature_overview(table["density"], table["max_act"], table.index).update_layout(width=OVERVIEW_WIDTH))
         if self._overview.live:
             self._overview.figure.data[0].on_click(self._clicked)
         self._syncing = False
@@ -138,6 +142,8 @@ class FeatureGallery(ipw.VBox):
             logits = output_tokens_spec(card.pos_tokens, card.pos_values, card.neg_tokens, card.neg_values)
         self.status.value = ""
         self.cards.value = cards
+        for spec in (hist, logits):
+            spec["layout"]["width"] = CARD_FIGURE_WIDTH
         self._hist.update(hist)
         self._logits.update(logits)
         ov = self._overview.figure

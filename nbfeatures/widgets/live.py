@@ -8,6 +8,14 @@ more than `max_overhead` of the wall time (a slow redraw pushes the next one fur
 first call, the call at step `total`, `finish()` and leaving a `with LiveCurves() as curves:`
 block always draw, so the figure ends on the last row.
 
+Rows of several runs in one figure: a row naming its run in a `dictionary` field (as `train_many`'s rows do) has its
+metrics recorded as `fvu/<name>`, ..., so each subplot draws a line per dictionary.
+
+A run in another process (`torchrun ...`, with `TrainConfig(metrics_file=...)`) is followed through its metrics file:
+`curves.follow(path, until=lambda: proc.poll() is not None)` reads the new lines every `poll_s` seconds until the
+process ends (`curves.poll()` reads them once). Only whole lines are read; a file replaced by a resumed run is read
+again from its start.
+
 A bad row never stops training: a call never raises. NaN / inf values are recorded (the curve shows a
 gap, the status line says where it started); a value that is not a number, a row that is not a dict
 and a failed redraw are skipped. Each such problem is kept in `notes`, shown in the status line and
@@ -17,7 +25,9 @@ warned about once (a RuntimeWarning), so a script without a display sees it too.
 from __future__ import annotations
 
 import html
+import json
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -34,7 +44,7 @@ class LiveCurves(ipw.VBox):
 
     def __init__(self, panels: Mapping[str, Sequence[str]] | None = None, *, x: str = "step", total: int | None = None,
                  every_s: float = 1.0, max_overhead: float = 0.02, smoothing: float = 0.0, log_y: bool = False,
-                 height: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 height: int | None = None, group: str = "dictionary", clock: Callable[[], float] = time.perf_counter):
         for name, v in (("every_s", every_s), ("max_overhead", max_overhead)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -44,7 +54,9 @@ class LiveCurves(ipw.VBox):
             raise ValueError(f"smoothing must lie in [0, 0.99] (the slider's range), got {smoothing!r}")
         if panels is not None and (not isinstance(panels, Mapping) or any(isinstance(m, str) for m in panels.values())):
             raise ValueError(f"panels must map a subplot title to a list of metric names, e.g. {{'loss': ['fvu']}}; got {panels!r:.80}")
-        self.panels, self.x, self.total, self.height = panels, x, total, height
+        self.panels, self.x, self.total, self.height, self.group = panels, x, total, height, group
+        self._base: dict[str, str] = {}  # "fvu/a" -> "fvu": a grouped row's metric -> the metric it is
+        self._tail: _Tail | None = None  # the followed metrics file
         self.every_s, self.max_overhead, self._clock = every_s, max_overhead, clock
         self.history: dict[str, list[float]] = {}  # metric -> one value per call (NaN where a call lacked it)
         self.n_calls = self.n_draws = 0
@@ -87,6 +99,10 @@ class LiveCurves(ipw.VBox):
         if step_value is None or not math.isfinite(step_value):
             self._note(f"{self.x}", f"{self.x} must be a finite number, got {step!r:.40}: used the row number {self.n_calls + 1}")
             step_value = float(self.n_calls + 1)
+        name = row.get(self.group)
+        if isinstance(name, str):  # one run of several: its metrics get their own lines
+            row = {(k if k == self.x else f"{k}/{name}"): v for k, v in row.items() if k != self.group}
+            self._base.update({k: k.rpartition("/")[0] for k in row if k != self.x})
         row = {**row, self.x: step_value}
         for key, value in row.items():
             if isinstance(value, bool):  # flags (e.g. entropy_on) are not curves
@@ -145,7 +161,8 @@ class LiveCurves(ipw.VBox):
             self.slot.update(training_curves(self.history, panels, smoothing=smoothing, log_y=log_y, x=self.x, height=self.height))
             self._shape = shape
         last = {k: v[-1] for k, v in self.history.items() if v and v[-1] == v[-1]}
-        shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "fvu", "l0", "dead_fraction", "ce_recovered") if k in last)
+        shown = ", ".join(f"{k} {last[k]:.4g}" for m in ("loss", "fvu", "l0", "dead_fraction", "ce_recovered")
+                          for k in last if self._base.get(k, k) == m)  # fmt: skip
         self.status.value = f"{self.x} {self.history[self.x][-1]:g} · {shown}" if self.n_calls else "waiting for the first step"
         if self.notes:
             self.status.value += f" · <span style='color:#d62728'>{len(self.notes)} note(s), last: {html.escape(self.notes[-1])}</span>"
@@ -161,11 +178,48 @@ class LiveCurves(ipw.VBox):
         return self
 
     def _panels(self) -> dict[str, list[str]]:
-        if self.panels is None:
-            return default_panels(list(self.history))
-        # metrics not logged yet (an occasional eval) get their subplot once they appear
-        panels = {t: [m for m in ms if m in self.history] for t, ms in self.panels.items()}
+        panels = self.panels
+        if panels is None:
+            panels = default_panels(list(dict.fromkeys(self._base.get(k, k) for k in self.history)))
+        # metrics not logged yet (an occasional eval) get their subplot once they appear; a grouped metric has a line
+        # per run
+        panels = {t: [k for m in ms for k in self.history if k == m or self._base.get(k) == m] for t, ms in panels.items()}
         return {t: ms for t, ms in panels.items() if ms}
+
+    def follow(self, path: str | os.PathLike, until: Callable[[], bool] | None = None, poll_s: float = 0.5,
+               timeout_s: float | None = None) -> "LiveCurves":  # fmt: skip
+        """Draw the rows of a metrics file (JSON lines) as they arrive: read what is there, then with `until`, keep
+        reading every `poll_s` seconds until `until()` is true (e.g. the training process has ended) or `timeout_s`
+        passes, read the last lines and draw."""
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise ValueError(f"follow: path must be the metrics file's path (str or Path), got {path!r}")
+        if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0 < poll_s < math.inf:
+            raise ValueError(f"follow: poll_s must be a finite number of seconds > 0, got {poll_s!r}")
+        if until is not None and not callable(until):
+            raise ValueError(f"follow: until must be a function () -> bool (e.g. lambda: proc.poll() is not None), got {until!r:.40}")
+        if self._tail is None or self._tail.path != os.fspath(path):
+            self._tail = _Tail(os.fspath(path))
+        self.poll()
+        t0 = time.monotonic()
+        while until is not None and not until() and (timeout_s is None or time.monotonic() - t0 < timeout_s):
+            time.sleep(poll_s)
+            self.poll()
+        self.poll()
+        return self.finish()
+
+    def poll(self) -> int:
+        """Record the whole lines added to the followed file since the last poll; returns how many rows came."""
+        if self._tail is None:
+            raise ValueError("poll: no metrics file is followed; call follow(path) first")
+        rows, restarted = self._tail.read()
+        if restarted:  # a resumed run rewrote the file: start over from its rows
+            self.history, self._base, self.n_calls, self._shape = {}, {}, 0, None
+        for line in self._tail.bad:
+            self._note("line", f"{self._tail.path}: skipped a line that is not a JSON object: {line[:40]!r}")
+        self._tail.bad.clear()
+        for row in rows:
+            self(row)
+        return len(rows)
 
     def figure(self) -> go.Figure:
         """A static go.Figure of the history, which a notebook saves in its outputs."""
@@ -177,6 +231,40 @@ class LiveCurves(ipw.VBox):
 
     def __exit__(self, *exc) -> None:
         self.finish()
+
+
+class _Tail:
+    """The new whole lines of a growing file of JSON lines; a file replaced (new inode) or cut shorter restarts it."""
+
+    def __init__(self, path: str):
+        self.path, self.offset, self.partial, self.inode = path, 0, b"", None
+        self.bad: list[bytes] = []
+
+    def read(self) -> tuple[list[dict], bool]:
+        """(the rows of the lines completed since the last read, whether the file started over)."""
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                restarted = self.inode is not None and (st.st_ino != self.inode or st.st_size < self.offset)
+                if restarted or self.inode is None:
+                    self.offset, self.partial, self.inode = 0, b"", st.st_ino
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:  # not written yet
+            return [], False
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:
+                row = False
+            if isinstance(row, dict):
+                rows.append(row)
+            elif row is not None:
+                self.bad.append(line)
+        return rows, restarted
 
 
 def _number(value: Any) -> float | None:
