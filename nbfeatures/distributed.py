@@ -151,14 +151,28 @@ class GlobalFiring:
 
     @torch.no_grad()
     def update(self, fired_F: Tensor, n_tokens: int) -> Tensor:
-        fired = fired_F.to(torch.int32)
+        fired = fired_F.to(device=_comm_device(), dtype=torch.int32)
         dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-        n = torch.tensor([int(n_tokens)], dtype=torch.long, device=fired.device)
-        dist.all_reduce(n)
-        return self.inner.update(fired.bool(), int(n.item()))
+        return self.inner.update(fired.bool().to(fired_F.device), self._total(n_tokens))
 
-    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, dead_tokens ... are the tracker's
+    def dying(self, n_tokens: int) -> Tensor:
+        """The latents this step leaves dead unless they fire (TopK's blocked AuxK), counting every rank's tokens."""
+        return self.inner.dying(self._total(n_tokens))
+
+    def _total(self, n_tokens: int) -> int:
+        n = torch.tensor([int(n_tokens)], dtype=torch.long, device=_comm_device())
+        dist.all_reduce(n)
+        return int(n.item())
+
+    # state_dict, load_state_dict, dead_tokens ... are the tracker's own; a new method that takes a token count needs
+    # its global twin above, as update and dying have
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+def _comm_device() -> torch.device:
+    """Where collectives take their tensors: nccl on this process's GPU, gloo on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def data_parallel(module: nn.Module, objective: Callable) -> tuple[Callable, Callable[[], None]]:

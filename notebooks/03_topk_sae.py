@@ -181,6 +181,30 @@ sentiment = {c: int(concepts.loc[c, "latent"]) for c in ("positive", "negative")
 pd.DataFrame({w: {c: f in fired for c, f in sentiment.items()} for w, fired in fires_on.items()})
 
 # %% [markdown]
+# **Training on several processes.** A notebook kernel cannot host `torchrun`, so the training runs as a command: two processes (gloo on the CPU), each taking half of every batch of token windows, with gradients averaged by `DistributedDataParallel` and dead-latent counts summed over both, so they take the step one process would take with the whole batch. `train_many` reads each batch once for two TopK SAEs at two sites. Rank 0 appends each logged row to `metrics.jsonl`, and `LiveCurves.follow` draws the file as it grows, a line per dictionary, until the process ends.
+
+# %%
+import os, subprocess, sys, tempfile
+
+run_dir = tempfile.mkdtemp(prefix="nbf_torchrun_")
+command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "nbfeatures.recipes.train_distributed", "--steps", "50", "--batch-size", "16", "--stories", "200",
+           "--out", run_dir, "--no-progress"]
+print("torchrun", " ".join(command[3:]))
+log = open(f"{run_dir}/log.txt", "w")
+proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+ddp_curves = LiveCurves({"FVU": ["fvu"], "dead latents": ["dead_fraction"]}, total=50)
+display(ddp_curves)
+ddp_curves.follow(f"{run_dir}/metrics.jsonl", until=lambda: proc.poll() is not None, poll_s=0.5)
+log.close()
+assert proc.returncode == 0, open(f"{run_dir}/log.txt").read()[-3000:]
+logged = {name.removeprefix("fvu/"): [s for s, v in zip(ddp_curves.history["step"], fvu) if v == v]
+          for name, fvu in ddp_curves.history.items() if name.startswith("fvu/")}
+assert sorted(logged) == ["blocks.1.hook_resid_post_k16", "blocks.2.hook_resid_post_k16"], logged
+assert all(steps == list(range(5, 51, 5)) for steps in logged.values()), logged  # every logged step of both, in order
+logged
+
+# %% [markdown]
 # What this notebook showed, checked:
 
 # %%

@@ -67,9 +67,11 @@ def batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
     N, F_ = pre_NF.shape
     m = min(F_, 2 * math.ceil(n_keep / N))
     vals, idx = pre_NF.topk(m, dim=1, sorted=False)
-    bound = vals.flatten().topk(n_keep, sorted=False).values.min()  # <= the true n_keep-th value
+    top = vals.flatten().topk(n_keep, sorted=False)
+    bound = top.values.min()  # <= the true n_keep-th value
     last = vals.min(dim=1).values  # every value a token left out is <= its `last`
     short = ((last >= bound) & (last > 0)).nonzero().squeeze(1)  # tokens that may hold more of the top values
+    chosen = top.indices  # exact unless some token may hold more of the top values than its m candidates
     if m < F_ and len(short):
         rows = pre_NF[short]
         wide = int((rows >= bound if bound > 0 else rows > 0).sum(1).max())  # all their values that may be kept
@@ -77,7 +79,7 @@ def batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
         vals = torch.cat([vals, vals.new_full((N, wide - m), float("-inf"))], 1)  # padding: never chosen
         idx = torch.cat([idx, idx.new_zeros(N, wide - m)], 1)
         vals[short], idx[short] = more_vals, more_idx
-    chosen = vals.flatten().topk(n_keep, sorted=False).indices
+        chosen = vals.flatten().topk(n_keep, sorted=False).indices
     keep = torch.zeros(vals.numel(), dtype=torch.bool, device=pre_NF.device).index_fill_(0, chosen, True).view(N, -1)
     # drop the columns no token needs: each token's kept candidates first, M = the most any token keeps
     order = keep.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, : max(1, int(keep.sum(1).max()))]
@@ -143,7 +145,11 @@ class BatchTopKSAE(UnitNormSAE):
 
 
 class BatchTopKObjective:
-    """FVU + aux_coef * AuxK (as TopKObjective), and the threshold's running estimate (lr `threshold_lr`)."""
+    """FVU + aux_coef * AuxK (as TopKObjective), and the threshold's running estimate (lr `threshold_lr`).
+
+    SAELens's 0.01 needs about 1000 steps to settle while the encoder still moves: after a 300-step run the
+    threshold lagged (inference L0 about 11 at k = 16 in notebook 08, 15.5 with threshold_lr=0.05). Short runs
+    should raise it."""
 
     def __init__(self, sae: BatchTopKSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
                  dead_tokens: int = 10_000_000, threshold_lr: float = 0.01):  # fmt: skip
