@@ -110,3 +110,12 @@ def test_bad_input(monkeypatch):
     fake = FakeFSM()
     with pytest.raises(ValueError, match="expected one per state"):
         FSMPanel(fake.codes, lambda s, forced: np.ones(3), EDGES, SITES, n_codes=40)
+
+
+def test_source_dropdown_never_blank_and_descriptions_fit():
+    _, panel = make()
+    assert panel.source.label == "(pick a code by hand)" and panel.source.value is None  # not a blank box
+    panel.source.value = 3
+    panel.source.value = None
+    assert panel.source.index == 0 and panel.source.label == "(pick a code by hand)"
+    assert panel.source.style.description_width == "initial"  # "code of state", not "code of st…"

@@ -457,7 +457,7 @@ def test_inversion_figure_and_summary():
     fig = inversion_samples(toks, [0.01, 0.05, 0.4], [[0, 1, -1], [0, 2, 0], [0, 0, 0]], [2, 2, 1], 0.1)
     heat, bars = fig.data
     assert list(bars.x) == [0.01, 0.05, 0.4] and list(bars.marker.color)[2] != list(bars.marker.color)[0]
-    assert heat.text[0] == ["<s>", "a", ":"] and heat.z[0][1] == 1
+    assert heat.text[0] == ["&lt;s&gt;", "a", ":"] and heat.z[0][1] == 1
     assert any(s.type == "line" and s.x0 == 0.1 for s in fig.layout.shapes)
     assert shared_tokens(toks, [2, 2, 1], [True, True, False]) == [
         {"offset": 0, "token": ":", "share": 1.0, "n": 2}, {"offset": -2, "token": "<s>", "share": 1.0, "n": 2}]

@@ -176,7 +176,7 @@ def test_query_html_draws_the_query_with_tokens_html():
 
 def test_inversion_heatmap_cells_show_token_text():
     fig = inversion_samples([["<s>", "Ġa", "Ċ"]], [0.0], [[0.0, 1.0, 0.0]], [1], 0.1)
-    assert fig.data[0].text[0] == ["<s>", "·a", "↵"]
+    assert fig.data[0].text[0] == ["&lt;s&gt;", "·a", "↵"]  # escaped: plotly reads a bare <s> as strike-through
 
 
 def test_unique_labels_only_disambiguates_collisions():
@@ -254,3 +254,37 @@ def test_training_curves_legend_below_the_plots_and_width_from_the_page():
     assert titles and min(a.y for a in titles) > 0.5 > fig.layout.legend.y  # the subplot titles stay clear
     assert fig.layout.width is None and fig.layout.autosize is True
     assert training_curves({"loss": [1.0]}, height=300).layout.legend.y < 0
+
+
+def test_tokens_reach_plotly_escaped():
+    """plotly reads <s>, <b>, <br> ... in text as markup: a token `<s>` must arrive as `&lt;s&gt;` everywhere."""
+    from nbfeatures.plots.tokens import plotly_text
+    assert plotly_text("<s> & </s>") == "&lt;s&gt; &amp; &lt;/s&gt;"
+    assert unique_labels(["<s>", "a"]) == ["&lt;s&gt;", "a"]
+    fig = output_tokens_bar(["<s>"], [1.0], ["</s>"], [-1.0], title="<s> x")
+    assert "&lt;s&gt;" in fig.data[1].y and "&lt;/s&gt;" in fig.data[0].y and fig.layout.title.text == "&lt;s&gt; x"
+    fig = next_token_bars([0.6, 0.4], [0.5, 0.5], ["<s>", "a"], k=2)
+    assert "&lt;s&gt;" in fig.data[0].x
+    fig = inversion_samples([["<s>", "a"]], [0.0], [[0.0, 1.0]], [0], 0.1, title="query <s>")
+    assert fig.layout.title.text == "query &lt;s&gt;" and fig.data[0].text[0][0] == "&lt;s&gt;"
+
+
+def test_state_codes_table_labels_every_row_and_column():
+    from nbfeatures.plots.fsm import state_codes_table
+    fig = state_codes_table(["L0 attn", "L1 <mlp>"], [1, 2], [3, 4], "07")
+    head, cells = fig.data[0].header.values, fig.data[0].cells.values
+    # no plain space: plotly.js word-wraps such cells by measuring the page, blank when drawn hidden
+    assert all(" " not in h and h for h in head) and head[1].replace("\u00a0", " ") == "code on 1st digit 0"
+    assert [c.replace("\u00a0", " ") for c in cells[0]] == ["L0 attn", "L1 &lt;mlp&gt;"]
+    assert fig.layout.height == 40 + 28 + 2 * 22 + 6 + 2  # as tall as the table: no empty band under it
+
+
+def test_next_state_bars_ticks_are_readable():
+    from nbfeatures.plots.fsm import next_state_bars
+    ax = next_state_bars(np.full(100, 0.01), None, [1, 2]).layout.xaxis
+    assert ax.tickangle in (0, -45) and ax.tickfont.size >= 11 and ax.nticks <= 25
+
+
+def test_log_y_curves_label_decades_only():
+    fig = training_curves({"step": [0, 1, 2], "loss": [100.0, 10.0, 1.0]}, {"loss": ["loss"]}, log_y=True)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.dtick == 1

@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from ._checks import as_float, as_int, floats
-from .tokens import display_tokens
+from .tokens import display_tokens, plotly_text
 
 POS, NEG, BASE, STEER = "#1f77b4", "#d62728", "#7f7f7f", "#ff7f0e"
 _VISIBLE = str.maketrans({"\n": "↵", "\t": "→", "\r": "␍", " ": "·"})  # the glyphs tokens_html shows
@@ -26,8 +26,9 @@ def show_token(s: str) -> str:
 
 
 def unique_labels(tokens: Sequence[str], ids: Sequence[int] | None = None) -> list[str]:
-    """Visible token labels, made unique with the token id where two decode alike (plotly merges equal categories)."""
-    shown = [show_token(t) for t in tokens]
+    """Visible token labels for a plotly axis, made unique with the token id where two decode alike (plotly merges
+    equal categories); escaped (`plotly_text`), so a token `<s>` shows as itself instead of striking through the axis."""
+    shown = [plotly_text(show_token(t)) for t in tokens]
     ids = list(range(len(shown))) if ids is None else [int(i) for i in ids]
     if len(ids) != len(shown):
         raise ValueError(f"ids must have one entry per token ({len(shown)}), got {len(ids)}")
@@ -51,7 +52,7 @@ def activation_histogram_spec(counts: Sequence[float], edges: Sequence[float], d
     bar = dict(type="bar", x=((edges[:-1] + edges[1:]) / 2).tolist(), y=counts.tolist(), width=np.diff(edges).tolist(),
                marker=dict(color=STEER), name="tokens", hovertemplate="act %{x:.3g}: %{y} tokens<extra></extra>")
     return dict(data=[bar], layout=dict(
-        title=dict(text=head, x=0.01), xaxis=dict(title=dict(text="activation")), yaxis=dict(title=dict(text="tokens")),
+        title=dict(text=plotly_text(head), x=0.01), xaxis=dict(title=dict(text="activation")), yaxis=dict(title=dict(text="tokens")),
         bargap=0, height=260, margin=dict(l=50, r=20, t=50, b=40), template="plotly_white"))
 
 
@@ -77,7 +78,7 @@ def output_tokens_spec(pos_tokens: Sequence[str], pos_values: Sequence[float], n
     # the middle, so no label crosses the other plot however wide the column is. First token on top.
     ticks = dict(type="category", autorange="reversed", automargin=True, tickfont=dict(family="monospace", size=12))
     return dict(data=traces, layout=dict(
-        title=dict(text=title, x=0.01), showlegend=False, height=90 + 22 * rows, template="plotly_white",
+        title=dict(text=plotly_text(title), x=0.01), showlegend=False, height=90 + 22 * rows, template="plotly_white",
         margin=dict(l=10, r=10, t=50, b=40),
         xaxis=dict(domain=[0.0, 0.48], title=dict(text="lowers the logit"), zeroline=True, anchor="y"),
         xaxis2=dict(domain=[0.52, 1.0], title=dict(text="raises the logit"), zeroline=True, anchor="y2"),
@@ -102,8 +103,8 @@ def next_token_bars(probs_before: Sequence[float], probs_after: Sequence[float],
     p0, p1 = floats("probs_before", p0), floats("probs_after", p1)
     top = np.argsort(-np.maximum(p0, p1), kind="stable")[:k]
     labels = unique_labels([vocab[i] for i in top], top)
-    fig = go.Figure([go.Bar(x=labels, y=p0[top], name=names[0], marker_color=BASE),
-                     go.Bar(x=labels, y=p1[top], name=names[1], marker_color=STEER)])
+    fig = go.Figure([go.Bar(x=labels, y=p0[top], name=plotly_text(names[0]), marker_color=BASE),
+                     go.Bar(x=labels, y=p1[top], name=plotly_text(names[1]), marker_color=STEER)])
     fig.update_layout(title=dict(text="next-token probabilities at the last prompt position", x=0.01),
                       barmode="group", yaxis=dict(title="p", range=[0, 1]), xaxis=dict(type="category"),
                       height=300, margin=dict(l=50, r=20, t=50, b=60), template="plotly_white")
@@ -124,7 +125,7 @@ def feature_overview(density: Sequence[float], max_act: Sequence[float], ids: Se
     if hover is not None and len(hover) != len(ids):
         raise ValueError(f"hover must have one entry per feature ({len(ids)}), got {len(hover)}")
     logd = np.log10(density + 1e-10)  # SAELens's convention: dead features sit at -10
-    text = [f"#{i}" + (f" {h}" if h else "") for i, h in zip(ids, hover if hover is not None else [""] * len(ids))]
+    text = [f"#{i}" + (f" {plotly_text(h)}" if h else "") for i, h in zip(ids, hover if hover is not None else [""] * len(ids))]
     fig = go.Figure(go.Scattergl(x=logd, y=max_act, mode="markers", customdata=ids, text=text, name="features",
                                  marker=dict(size=5, color=POS, opacity=0.5),
                                  hovertemplate="%{text}<br>log10 density %{x:.2f}<br>max %{y:.3g}<extra></extra>"))

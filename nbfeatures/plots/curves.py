@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ._checks import as_int
+from .tokens import plotly_text
 
 # Which subplot each known metric goes to; the names are the keys train_sae's objectives log.
 PANELS: dict[str, tuple[str, ...]] = {
@@ -147,9 +148,10 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
     titles = list(panels) or [""]
     cols = max(1, min(cols, len(titles)))
     rows = -(-len(titles) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.07,
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[plotly_text(t) for t in titles], horizontal_spacing=0.07,
                         vertical_spacing=0.3 / rows if rows > 1 else 0.1)
-    for j, c in enumerate(curves(history, panels, smoothing, x)):
+    drawn = curves(history, panels, smoothing, x)
+    for j, c in enumerate(drawn):
         r, col, rgb = c.panel // cols + 1, c.panel % cols + 1, COLORS[j % len(COLORS)]
         fig.add_trace(go.Scatter(x=c.x, y=c.raw, name=f"{c.metric} (raw)", mode="lines", line=dict(color=rgb, width=1),
                                  opacity=0.3, hoverinfo="skip", showlegend=False, legendgroup=c.metric,
@@ -157,6 +159,12 @@ def training_curves(history: Mapping[str, Any], panels: Mapping[str, Sequence[st
         fig.add_trace(go.Scatter(x=c.x, y=c.smooth, name=c.metric, mode="lines", line=dict(color=rgb, width=2),
                                  legendgroup=c.metric), row=r, col=col)
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "none")
+    if log_y:  # label decades only where a panel spans one or more (plotly's default adds tiny, misleading 2 .. 9 labels)
+        for i in range(len(titles)):
+            y = np.concatenate([np.asarray(c.raw, dtype=np.float64) for c in drawn if c.panel == i] or [np.zeros(0)])
+            y = y[np.isfinite(y) & (y > 0)]
+            if len(y) and np.log10(y.max()) - np.log10(y.min()) >= 1:
+                fig.update_yaxes(dtick=1, row=i // cols + 1, col=i % cols + 1)
     fig.update_xaxes(title_text=x if x in keys or not keys else "row", title_standoff=2)
     # The legend goes below the plots, under the x-axis titles (a legend above them covered the subplot titles); the
     # width is left to the output area (autosize: plotly.js otherwise draws 700 px wide once a height is given).

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 
 from ._checks import floats, ints
 from .bars import BASE, STEER
+from .tokens import plotly_text
 
 EDGE, TARGET = "#2ca02c", "#9467bd"
 
@@ -46,8 +47,10 @@ def next_state_bars(before: Sequence[float], after: Sequence[float] | None, edge
         fig.add_trace(go.Scatter(x=[labels[int(e)] for e in target_edges], y=[top * 1.16] * len(target_edges), mode="markers",
                                  marker=dict(symbol="diamond", size=8, color=TARGET), name="target state's out-edges",
                                  hovertemplate="target edge to %{x}<extra></extra>"))
-    fig.update_layout(title=dict(text=title, x=0.01), barmode="group", bargap=0.1, height=320, template="plotly_white",
-                      xaxis=dict(title="next state", type="category", tickangle=-90, tickfont=dict(size=8)),
+    # Upright, readable labels; with many states only every k-th is labelled (nticks) instead of shrinking them all.
+    xaxis = dict(title="next state", type="category", tickangle=0 if n <= 40 else -45, tickfont=dict(size=11), nticks=min(n, 25))
+    fig.update_layout(title=dict(text=plotly_text(title), x=0.01), barmode="group", bargap=0.1, height=320, template="plotly_white",
+                      xaxis=xaxis,
                       yaxis=dict(title="probability", range=[0, top * 1.25]),
                       legend=dict(orientation="h", y=1.12, x=1, xanchor="right"), margin=dict(l=50, r=20, t=60, b=50))
     return fig
@@ -59,9 +62,18 @@ def state_codes_table(rows: Sequence[str], first: Sequence[int], second: Sequenc
     if not len(rows) == len(first) == len(second):
         raise ValueError(f"rows, first and second need one entry per codebook, got {len(rows)}, {len(first)}, {len(second)}")
     first, second = ints("first", first, 0), ints("second", second, 0)
-    head = ["codebook", f"code on 1st digit {digits[:1]}".strip(), f"code on 2nd digit {digits[1:2]}".strip()]
-    fig = go.Figure(go.Table(header=dict(values=head, align="left", fill_color="#eeeeee"),
-                             cells=dict(values=[list(rows), [int(c) for c in first], [int(c) for c in second]], align="left")))
-    fig.update_layout(title=dict(text=title or f"codes of state {digits}", x=0.01), height=60 + 24 * (len(rows) + 1),
-                      margin=dict(l=10, r=10, t=40, b=10))
+    # plotly.js wraps a table cell holding a space word by word, measuring each word on the page; in a view drawn
+    # while hidden (a panel built before it is shown) every word measures 0 and the cell comes out blank. Non-breaking
+    # spaces keep each cell one fragment, drawn as is.
+    def cell(s: object) -> str:
+        return plotly_text(s).replace(" ", "\u00a0")
+
+    head = [cell(h) for h in ("codebook", f"code on 1st digit {digits[:1]}".strip(), f"code on 2nd digit {digits[1:2]}".strip())]
+    header_h, row_h, top, bottom = 28, 22, 40, 6
+    fig = go.Figure(go.Table(header=dict(values=head, align="left", fill_color="#eeeeee", height=header_h),
+                             cells=dict(values=[[cell(r) for r in rows], [int(c) for c in first], [int(c) for c in second]],
+                                        align="left", height=row_h)))
+    # The figure as tall as the table it holds (+2 px of borders): no empty band between it and the next figure.
+    fig.update_layout(title=dict(text=plotly_text(title or f"codes of state {digits}"), x=0.01),
+                      height=top + header_h + row_h * len(rows) + bottom + 2, margin=dict(l=10, r=10, t=top, b=bottom))
     return fig

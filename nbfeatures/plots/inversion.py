@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 
 from ._checks import as_float, as_int, floats, ints
 from .bars import show_token
-from .tokens import tokens_html
+from .tokens import plotly_text, tokens_html
 
 INSIDE, OUTSIDE = "#1f77b4", "#bbbbbb"
 
@@ -41,7 +41,7 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
         if len(c) != len(row):
             raise ValueError(f"sample {i}: {len(row)} tokens but {len(c)} colour values")
         z[i, : len(row)] = c
-        text[i][: len(row)] = [show_token(t) for t in row]
+        text[i][: len(row)] = [plotly_text(show_token(t)) for t in row]  # escaped: plotly reads <s> as strike-through
     labels = [f"#{i} d={d:.3f}" for i, d in enumerate(distance)]
     lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, column_widths=[0.78, 0.22], horizontal_spacing=0.02)
@@ -60,7 +60,7 @@ def inversion_samples(tokens: Sequence[Sequence[str]], distance: Sequence[float]
     fig.update_yaxes(autorange="reversed", showticklabels=False, col=1)
     fig.update_xaxes(title_text="position", col=1)
     fig.update_xaxes(title_text="distance", col=2)
-    fig.update_layout(title=title or f"{sum(inside)} of {n} samples inside ε = {epsilon:g}", height=min(1200, 120 + 22 * n),
+    fig.update_layout(title=plotly_text(title) or f"{sum(inside)} of {n} samples inside ε = {epsilon:g}", height=min(1200, 120 + 22 * n),
                       margin=dict(l=70, r=20, t=60, b=40), plot_bgcolor="white")  # fmt: skip
     return fig
 

@@ -71,6 +71,9 @@ def prompt_tokens_html(tokens: Sequence[str], ids: object, values: object, *, na
     return "".join(parts)
 
 
+_NAME_CELL = "padding-left:.8em; text-align:left"  # header and cells alike: the name clear of the bar, left-aligned
+
+
 def token_features_table(ids: Sequence[int], values: Sequence[float], *, names: Mapping[int, str] | None = None,
                          feature: int | None = None, title: str = "") -> str:
     """One token's features ranked (rank, id, value with a bar, name); the row of `feature` is highlighted."""
@@ -89,9 +92,9 @@ def token_features_table(ids: Sequence[int], values: Sequence[float], *, names: 
         bg = " style='background:rgba(31,119,180,0.15)'" if feature is not None and f == feature else ""
         bar = f"<div style='background:#ff7f0e; height:8px; width:{100 * abs(v) / scale:.0f}%'></div>"
         rows.append(f"<tr{bg}><td>{r + 1}</td><td>#{f}</td><td style='text-align:right; padding-right:.8em'>{v:.3g}</td>"
-                    f"<td style='width:8em'>{bar}</td><td>{html.escape(_name(names, int(f)))}</td></tr>")
+                    f"<td style='width:8em'>{bar}</td><td style='{_NAME_CELL}'>{html.escape(_name(names, int(f)))}</td></tr>")
     return (head + "<table style='font-family: ui-monospace, monospace; font-size:12px; border-collapse:collapse'>"
             "<tr style='color:#888; text-align:left'><th style='padding:0 .8em 0 0'>rank</th>"
             "<th style='padding:0 .8em 0 0'>feature</th><th style='padding:0 .8em 0 0; text-align:right'>value</th>"
-            "<th></th><th style='padding-left:.5em'>name</th></tr>"
+            f"<th></th><th style='{_NAME_CELL}'>name</th></tr>"
             + "".join(rows) + "</table>")

@@ -43,6 +43,13 @@ _OPENING = ("(", "[", "{", "«", "“", "\n")
 _GLYPHS = {"\t": "→", "\r": "␍"}  # a newline shows as ↵, any other whitespace as ·
 
 
+def plotly_text(s: object) -> str:
+    """Text safe to hand plotly as a title, tick label, cell text or hover text: plotly reads a few HTML tags in
+    text (<b>, <i>, <s>, <br>, <sup>, ...), so a token `<s>` would strike through what follows and vanish itself.
+    `&`, `<` and `>` become entities, which plotly shows as the characters."""
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the printable character that stands for each of the 256 bytes -> the byte."""

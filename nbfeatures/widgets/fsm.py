@@ -53,7 +53,7 @@ class FSMPanel(ipw.VBox):
         self.site = ipw.Dropdown(options=self.sites + ([ALL] if len(self.sites) > 1 else []), value=sites[0], description="force at")
         self.code = ipw.BoundedIntText(value=0, min=0, max=n_codes - 1, description="code")
         self.source = ipw.Dropdown(options=[("(pick a code by hand)", None)] + [(self._name(s), s) for s in range(self.n_states)],
-                                   value=None, description="code of state")
+                                   index=0, description="code of state", style={"description_width": "initial"})
         self.force_button = ipw.Button(description="Force", button_style="primary", icon="play")
         self.status = ipw.HTML()
         self._codes = FigureSlot(state_codes_table([], [], []))
@@ -63,6 +63,9 @@ class FSMPanel(ipw.VBox):
         self.after: np.ndarray | None = None
         self.state.observe(lambda _: self.show_state(), names="value")
         self.source.observe(lambda _: self._copy_source(), names="value")
+        # The first option's value is None, and ipywidgets reads `value = None` as "nothing selected" (a blank box):
+        # show that option instead, so the dropdown always names what it does.
+        self.source.observe(lambda ch: ch["new"] is None and setattr(self.source, "index", 0), names="index")
         self.site.observe(lambda _: self._copy_source(), names="value")
         self.force_button.on_click(lambda _: self.force())
         super().__init__([ipw.HBox([self.state, self.site]), ipw.HBox([self.source, self.code, self.force_button]), self.status,

@@ -54,9 +54,10 @@ class FeatureGallery(ipw.VBox):
         self.sort_by = ipw.Dropdown(options=sorts + [("feature id", "feature")], value="density", description="sort by")
         self.descending = ipw.Checkbox(value=True, description="descending", indent=False)
         searchable = [c for c in SEARCHED if c in table]
-        self.search = ipw.Text(placeholder="search " + " / ".join(searchable) + " or #id", description="search",
-                               continuous_update=True)
-        self.results = ipw.Select(options=[], rows=18, layout=ipw.Layout(width="100%"))
+        # A short placeholder: the box is a third of the page, and a long one was cut mid-word.
+        self.search = ipw.Text(placeholder="label, token or #id" if searchable else "#id", description="search",
+                               continuous_update=True, layout=ipw.Layout(width="100%", min_width="0"))
+        self.results = ipw.Select(options=[], rows=18, layout=ipw.Layout(width="100%", min_width="0"))
         self.count = ipw.HTML()
         self.feature = ipw.BoundedIntText(value=int(table.index[0]), min=int(table.index.min()), max=int(table.index.max()),
                                           description="feature")
@@ -78,8 +79,11 @@ class FeatureGallery(ipw.VBox):
         self.prev_button.on_click(lambda _: self.step(-1))
         self.next_button.on_click(lambda _: self.step(+1))
 
-        left = ipw.VBox([ipw.HBox([self.sort_by, self.descending]), self.search, self.count, self.results, self._overview.view],
-                        layout=ipw.Layout(width="38%"))
+        # The left column's controls take its width (min_width 0 lets them shrink below their natural size) and the
+        # column clips: a list wider than it ran under the cards, its right border and its entries hidden.
+        left = ipw.VBox([ipw.HBox([self.sort_by, self.descending], layout=ipw.Layout(width="100%", min_width="0")), self.search,
+                         self.count, self.results, self._overview.view],
+                        layout=ipw.Layout(width="38%", min_width="0", overflow="hidden"))
         # The two card figures are stacked, not side by side: two autosized plotly figures (700px each by
         # default) in a row overflow the right column and put the output tokens off-screen at 1280px.
         right = ipw.VBox([ipw.HBox([self.feature, self.prev_button, self.next_button]), self.status, self.cards,

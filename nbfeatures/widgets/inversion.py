@@ -58,7 +58,7 @@ class InversionPanel(ipw.VBox):
         self.site = ipw.Dropdown(options=list(sites), value=site or sites[0], description="site")
         self.position = ipw.IntSlider(value=0, min=0, max=0, description="position", continuous_update=False)  # one call per release
         self.temperature = ipw.FloatSlider(value=temperature, min=0.25, max=4.0, step=0.25, description="temperature",
-                                           continuous_update=False)  # fmt: skip
+                                           continuous_update=False, style={"description_width": "initial"})  # fmt: skip
         self.epsilon = ipw.FloatSlider(value=epsilon, min=0.0, max=1.0, step=0.01, description="epsilon", readout_format=".2f")
         self.sample_button = ipw.Button(description="Sample", button_style="primary", icon="play")
         self.query_view, self.summary, self.status = ipw.HTML(), ipw.HTML(), ipw.HTML()

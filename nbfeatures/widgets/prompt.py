@@ -93,7 +93,7 @@ class PromptView(ipw.VBox):
         self.compute_button = ipw.Button(description="Run", button_style="primary", icon="play",
                                          tooltip="read the features that fire on each token of the prompt")
         self.token = ipw.BoundedIntText(value=0, min=0, max=0, description="token")
-        self.feature = ipw.Select(options=[], rows=8, description="feature", layout=ipw.Layout(width="100%"))
+        self.feature = ipw.Select(options=[], rows=8, description="feature", layout=ipw.Layout(width="100%", min_width="0"))
         self.tokens_html = ipw.HTML()
         self.table = ipw.HTML()
         self.card_html = ipw.HTML(value=self._no_card())
@@ -105,7 +105,8 @@ class PromptView(ipw.VBox):
         self.prompt.observe(lambda _: self._stale(), names="value")
         self.token.observe(lambda ch: self._syncing or self.show_token(ch["new"]), names="value")
         self.feature.observe(lambda ch: self._syncing or ch["new"] is None or self.show_feature(ch["new"]), names="value")
-        left = ipw.VBox([self.token, self.feature, self.table], layout=ipw.Layout(width="38%"))
+        # The column clips and its controls take its width (min_width 0 lets them shrink): the Select ran under the card.
+        left = ipw.VBox([self.token, self.feature, self.table], layout=ipw.Layout(width="38%", min_width="0", overflow="hidden"))
         right = ipw.VBox([self.card_html], layout=ipw.Layout(width="62%", overflow="hidden"))
         super().__init__([self.prompt, ipw.HBox([self.compute_button, self.status]), self.tokens_html, ipw.HBox([left, right])])
         if compute and prompt.strip():
