@@ -55,17 +55,21 @@ def train_many(model: _sites.Model, tokens: Any, dictionaries: Mapping[str, tupl
     if split_data and cfg.batch_size % comm.world:
         raise ValueError(f"train_many: batch_size={cfg.batch_size} sequences do not split evenly over {comm.world} processes; "
                          f"use a multiple of {comm.world}")  # fmt: skip
-    source = tokens if callable(getattr(tokens, "batch", None)) and not isinstance(tokens, Tensor) else TokenSource(tokens, cfg.batch_size, cfg.seed)
+    has_batch = callable(getattr(tokens, "batch", None)) and not isinstance(tokens, Tensor)
+    source = tokens if has_batch else TokenSource(tokens, cfg.batch_size, cfg.seed)
     reader = distributed.shard(source, comm) if split_data else source
     mine = names if shard == "data" else names[comm.rank::comm.world]
     tokens_fingerprint = functools.cache(lambda: data_fingerprint(source))
+
+    def fingerprint(site: str) -> dict:  # what a resume checks: the token batches, and which activations of them
+        return {**tokens_fingerprint(), "site": site, "drop_first": drop_first}
+
     runs: dict[str, _Run] = {}
     try:
         for name in mine:
             site, module, objective = specs[name]
             run_cfg = dataclasses.replace(cfg, checkpoint_dir=str(pathlib.Path(cfg.checkpoint_dir) / name)) if cfg.checkpoint_dir else cfg
-            data = functools.partial(lambda s: {**tokens_fingerprint(), "site": s, "drop_first": drop_first}, site)
-            runs[name] = _Run(module, objective, run_cfg, data, comm, split_data, label=name)
+            runs[name] = _Run(module, objective, run_cfg, functools.partial(fingerprint, site), comm, split_data, label=name)
         gather = comm.gather if shard == "dictionaries" else list  # rows that only the owner has
         rows = gather([r for run in runs.values() for r in run.history])
         metrics = distributed.MetricsFile.start(cfg.metrics_file, rows) if comm.rank == 0 else None
@@ -77,8 +81,8 @@ def train_many(model: _sites.Model, tokens: Any, dictionaries: Mapping[str, tupl
                 acts = _read(model, reader.batch(step), [specs[name][0] for name in active], drop_first)
             for name in active:
                 site, module, objective = specs[name]
-                _check_activations(f"train_many: {name}: the activations at {site}", acts[site], getattr(getattr(module, "cfg", None), "d_in", None),
-                                   check_finite=False)  # fmt: skip
+                d_in = getattr(getattr(module, "cfg", None), "d_in", None)
+                _check_activations(f"train_many: {name}: the activations at {site}", acts[site], d_in, check_finite=False)
                 extra = objective.before_step_(step) if hasattr(objective, "before_step_") else None
                 row = runs[name].step_(step, acts[site], extra)
                 if row is not None:

@@ -198,7 +198,7 @@ display(ddp_curves)
 ddp_curves.follow(f"{run_dir}/metrics.jsonl", until=lambda: proc.poll() is not None, poll_s=0.5)
 log.close()
 assert proc.returncode == 0, open(f"{run_dir}/log.txt").read()[-3000:]
-logged = {name.removeprefix("fvu/"): [s for s, v in zip(ddp_curves.history["step"], fvu) if v == v]
+logged = {name.removeprefix("fvu/"): [int(s) for s, v in zip(ddp_curves.history["step"], fvu) if v == v]
           for name, fvu in ddp_curves.history.items() if name.startswith("fvu/")}
 assert sorted(logged) == ["blocks.1.hook_resid_post_k16", "blocks.2.hook_resid_post_k16"], logged
 assert all(steps == list(range(5, 51, 5)) for steps in logged.values()), logged  # every logged step of both, in order

@@ -104,6 +104,7 @@ def test_live_curves_draw_a_line_per_dictionary(model, tokens):
     fvu_a8 = [v for v in curves.history["fvu/a8"] if v == v]
     assert fvu_a8 == history[history.dictionary == "a8"].fvu.tolist()
     assert not curves.notes  # the dictionary's name is not taken for a bad value
+    assert all(f"fvu/{name} " in curves.status.value for name in ("a4", "a8", "b")), curves.status.value
 
 
 def test_live_curves_follow_a_metrics_file_as_it_grows(tmp_path):

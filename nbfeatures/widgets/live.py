@@ -8,8 +8,8 @@ more than `max_overhead` of the wall time (a slow redraw pushes the next one fur
 first call, the call at step `total`, `finish()` and leaving a `with LiveCurves() as curves:`
 block always draw, so the figure ends on the last row.
 
-Rows of several runs in one figure: a row naming its run in a `dictionary` field (as `train_many`'s rows do) has its
-metrics recorded as `fvu/<name>`, ..., so each subplot draws a line per dictionary.
+Rows of several runs in one figure: a row naming its run in the `group` field ("dictionary", as in `train_many`'s
+rows) has its metrics recorded as `fvu/<name>`, ..., so each subplot (panels name the plain metric) draws a line per run.
 
 A run in another process (`torchrun ...`, with `TrainConfig(metrics_file=...)`) is followed through its metrics file:
 `curves.follow(path, until=lambda: proc.poll() is not None)` reads the new lines every `poll_s` seconds until the
@@ -54,6 +54,8 @@ class LiveCurves(ipw.VBox):
             raise ValueError(f"smoothing must lie in [0, 0.99] (the slider's range), got {smoothing!r}")
         if panels is not None and (not isinstance(panels, Mapping) or any(isinstance(m, str) for m in panels.values())):
             raise ValueError(f"panels must map a subplot title to a list of metric names, e.g. {{'loss': ['fvu']}}; got {panels!r:.80}")
+        if not isinstance(group, str):
+            raise ValueError(f"group must be the name of the field that names a row's run (a str), got {group!r}")
         self.panels, self.x, self.total, self.height, self.group = panels, x, total, height, group
         self._base: dict[str, str] = {}  # "fvu/a" -> "fvu": a grouped row's metric -> the metric it is
         self._tail: _Tail | None = None  # the followed metrics file
@@ -160,7 +162,9 @@ class LiveCurves(ipw.VBox):
         else:
             self.slot.update(training_curves(self.history, panels, smoothing=smoothing, log_y=log_y, x=self.x, height=self.height))
             self._shape = shape
-        last = {k: v[-1] for k, v in self.history.items() if v and v[-1] == v[-1]}
+        # a grouped metric's last logged value: the other runs' calls leave NaN after it
+        last = {k: next((x for x in reversed(v) if x == x), math.nan) if k in self._base else v[-1] for k, v in self.history.items() if v}
+        last = {k: x for k, x in last.items() if x == x}
         shown = ", ".join(f"{k} {last[k]:.4g}" for m in ("loss", "fvu", "l0", "dead_fraction", "ce_recovered")
                           for k in last if self._base.get(k, k) == m)  # fmt: skip
         self.status.value = f"{self.x} {self.history[self.x][-1]:g} · {shown}" if self.n_calls else "waiting for the first step"
