@@ -10,6 +10,8 @@ Sparse kernels (cost grows with K, not F):
     gather_pre(x, W_enc, b_enc, idx, pre)  = pre[n, idx[n, j]]  whose backward touches only the K chosen columns
     sparse_decode(acts, idx, W_dec)        = sum_j acts[n, j] W_dec[idx[n, j]]   (an embedding bag)
     chosen_pre(x, b_dec, W_enc, b_enc, idx, vals)  as gather_pre, for values found without an [N, F] pre (below)
+    span_decode(acts, idx, W_dec, spans)   sparse decodes of column spans of idx (x_hat and AuxK's e_hat) with one
+                                           backward that visits the entries sorted by latent
 Bounded memory (cost still O(N F D), memory O(rows x block)):
     blocked_topk(x, W_enc, b_enc, k, block)  each token's top k of pre, one [rows, block] tile at a time, with a
                                              running top-k (and, in the same pass, a top-k over candidate latents)
@@ -20,6 +22,7 @@ Dimension key: N tokens, D input dim, F latents, K active latents.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -94,13 +97,36 @@ def gather_pre(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, 
     return _GatherPre.apply(x_ND, W_enc_DF, b_enc_F, idx_NK, pre_NF)
 
 
+def _by_latent(ids_M: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """(order, starts [F]): the entries sorted by latent (stably) and where each latent's run begins."""
+    counts = torch.bincount(ids_M, minlength=n_latents)
+    return ids_M.argsort(stable=True), counts.cumsum(0) - counts
+
+
+def _sum_by_latent(rows_M: Tensor, w_M: Tensor, ids_M: Tensor, dense_RD: Tensor, like_DF: Tensor) -> Tensor:
+    """[D, F] in like's layout: column f = sum of w[m] dense[rows[m]] over the entries m with ids[m] = f. One embedding
+    bag per latent (the transpose of a sparse decode: what a sparse [F, R] @ dense [R, D] product does, several times
+    faster), for a row-major like written transposed 4096 latents at a time (no [F, D] temporary)."""
+    (D, F_), M = like_DF.shape, len(ids_M)
+    order, starts = _by_latent(ids_M, F_)
+    rows_M, w_M = rows_M[order], w_M[order]
+    if like_DF.stride(0) == 1:  # [F, D] row-major underneath: the bags' output is the gradient as it is
+        return F.embedding_bag(rows_M, dense_RD, starts, per_sample_weights=w_M, mode="sum").t()
+    out_DF = dense_RD.new_empty(D, F_)
+    bounds = torch.cat([starts[::4096], starts.new_tensor([M])]).tolist()
+    for f, (a, b) in zip(range(0, F_, 4096), zip(bounds, bounds[1:])):
+        chunk = F.embedding_bag(rows_M[a:b], dense_RD, starts[f : f + 4096] - a, per_sample_weights=w_M[a:b], mode="sum")
+        out_DF[:, f : f + 4096] = chunk.t()
+    return out_DF
+
+
 class _ChosenPre(torch.autograd.Function):
-    """out = (x - b_dec) . W_enc[:, idx] + b_enc[idx] whose values `vals` are already known (blocked_topk found them);
-    the backward is _GatherPre's, sparse in the chosen latents, and b_dec's gradient is -W_enc grad_b_enc (a GEMV,
-    no [N, D] detour through the K chosen columns)."""
+    """out = (x - b_dec) . W_enc[:, idx] + b_enc[idx] whose values `vals` are already known (blocked_topk found them).
+    The backward is sparse, as _GatherPre's: W_enc's gradient sums g x over each latent's entries (an embedding bag
+    per latent), b_dec's is -W_enc grad_b_enc (a GEMV)."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, vals_NK: Tensor) -> Tensor:
+    def forward(ctx, x_ND: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, vals_NK: Tensor):
         ctx.save_for_backward(x_ND - b_dec_D, W_enc_DF, idx_NK)
         return vals_NK.clone()
 
@@ -108,30 +134,69 @@ class _ChosenPre(torch.autograd.Function):
     def backward(ctx, g_NK: Tensor):
         xc_ND, W_enc_DF, idx_NK = ctx.saved_tensors
         need_x, need_b_dec, need_W, need_b_enc = ctx.needs_input_grad[:4]
-        N, K = idx_NK.shape
-        F_ = W_enc_DF.shape[1]
-        g_NK = g_NK.contiguous()
+        K, F_ = idx_NK.shape[1], W_enc_DF.shape[1]
+        g_M, ids_M = g_NK.reshape(-1).to(xc_ND.dtype), idx_NK.reshape(-1)
         grad_x = grad_b_dec = grad_W = grad_b_enc = None
         if need_b_enc or need_b_dec:
-            grad_b_enc = torch.zeros(F_, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
+            grad_b_enc = torch.zeros(F_, dtype=g_M.dtype, device=g_M.device).index_add_(0, ids_M, g_M)
         if need_x:
-            grad_x = F.embedding_bag(idx_NK, W_enc_DF.t().contiguous(), per_sample_weights=g_NK, mode="sum")
+            grad_x = F.embedding_bag(idx_NK, W_enc_DF.t().contiguous(), per_sample_weights=g_NK.contiguous(), mode="sum")
         if need_b_dec:
             grad_b_dec = -(W_enc_DF @ grad_b_enc)
         if need_W:
-            rows = torch.arange(N, device=idx_NK.device).repeat_interleave(K)
-            G_FN = torch.sparse_coo_tensor(
-                torch.stack([idx_NK.reshape(-1), rows]), g_NK.reshape(-1), (F_, N), check_invariants=False
-            ).coalesce()
-            grad_W = torch.sparse.mm(G_FN, xc_ND).t()
-            if grad_W.stride() != W_enc_DF.stride():  # in W_enc's own layout, so the grad is kept as is (no clone)
-                grad_W = grad_W.contiguous()
+            rows_M = torch.arange(len(ids_M), device=ids_M.device).div_(K, rounding_mode="floor")
+            grad_W = _sum_by_latent(rows_M, g_M, ids_M, xc_ND, W_enc_DF)  # in W_enc's layout: autograd keeps it as is
         return grad_x, grad_b_dec, grad_W, grad_b_enc if need_b_enc else None, None, None
 
 
 def chosen_pre(x_ND: Tensor, b_dec_D: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, idx_NK: Tensor, vals_NK: Tensor) -> Tensor:
     """The pre-activations `vals` [N, K] at latents `idx`, differentiable with a sparse backward (no [N, F] needed)."""
     return _ChosenPre.apply(x_ND, b_dec_D, W_enc_DF, b_enc_F, idx_NK, vals_NK)
+
+
+class _SpanDecode(torch.autograd.Function):
+    """out[s][n] = sum_{a_s <= j < b_s} acts[n, j] W_dec[idx[n, j]]: several decodes of column spans of one set of
+    chosen latents (TopK's x_hat, Multi-TopK's, AuxK's e_hat) with one backward that sorts the entries by latent
+    once: W_dec's gradient is an embedding bag per latent, acts' a sampled product W_dec g^T that reads each decoder
+    row once (a plain embedding bag's backward reads it once per entry, and writes its gradient densely per entry)."""
+
+    @staticmethod
+    def forward(ctx, acts_NK: Tensor, idx_NK: Tensor, W_dec_FD: Tensor, spans: tuple[tuple[int, int], ...]):
+        ctx.save_for_backward(acts_NK, idx_NK, W_dec_FD)
+        ctx.spans = spans
+        w_NK = acts_NK.to(W_dec_FD.dtype)
+        return tuple(F.embedding_bag(idx_NK[:, a:b], W_dec_FD, per_sample_weights=w_NK[:, a:b], mode="sum") for a, b in spans)
+
+    @staticmethod
+    def backward(ctx, *g_SND: Tensor):
+        acts_NK, idx_NK, W_dec_FD = ctx.saved_tensors
+        (N, K), (F_, D) = idx_NK.shape, W_dec_FD.shape
+        dev = idx_NK.device
+        dtype, tokens = W_dec_FD.dtype, torch.arange(N, device=dev)
+        g_RD = torch.cat([torch.zeros(N, D, dtype=dtype, device=dev) if g is None else g.to(dtype) for g in g_SND])
+        # one entry per (span, token, column): its flat position in [N, K] and its row s N + n in g_RD
+        pos_M = torch.cat([(tokens[:, None] * K + torch.arange(a, b, device=dev)).reshape(-1) for a, b in ctx.spans])
+        rows_M = torch.cat([(s * N + tokens).repeat_interleave(b - a) for s, (a, b) in enumerate(ctx.spans)])
+        ids_M, w_M = idx_NK.reshape(-1)[pos_M], acts_NK.reshape(-1).to(dtype)[pos_M]
+        order, starts = _by_latent(ids_M, F_)
+        grad_acts = grad_W = None
+        if ctx.needs_input_grad[2]:
+            grad_W = F.embedding_bag(rows_M[order], g_RD, starts, per_sample_weights=w_M[order], mode="sum")
+        if ctx.needs_input_grad[0]:
+            crow = torch.cat([starts, starts.new_tensor([len(ids_M)])])
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                pattern = torch.sparse_csr_tensor(crow, rows_M[order], w_M.new_zeros(len(ids_M)), (F_, len(g_RD)),
+                                                  check_invariants=False)  # fmt: skip
+            dots = torch.sparse.sampled_addmm(pattern, W_dec_FD, g_RD.t(), beta=0).values()  # W_dec[ids] . g[rows]
+            grad_acts = torch.zeros(N * K, dtype=dots.dtype, device=dev).index_add_(0, pos_M[order], dots)
+            grad_acts = grad_acts.view(N, K).to(acts_NK.dtype)
+        return grad_acts, None, grad_W, None
+
+
+def span_decode(acts_NK: Tensor, idx_NK: Tensor, W_dec_FD: Tensor, spans: list[tuple[int, int]]) -> tuple[Tensor, ...]:
+    """One sparse decode [N, D] (no b_dec) per column span (a, b) of acts/idx, sharing one fast sparse backward."""
+    return _SpanDecode.apply(acts_NK, idx_NK, W_dec_FD, tuple(spans))
 
 
 def sparse_decode(acts_NK: Tensor, idx_NK: Tensor, W_dec_FD: Tensor) -> Tensor:
@@ -162,6 +227,13 @@ def remove_parallel_grad_(W_FD: Tensor) -> None:
     """Drop the gradient component along each (unit) decoder row, so a step moves it on the sphere."""
     if W_FD.grad is not None:
         W_FD.grad.sub_((W_FD.grad * W_FD).sum(dim=1, keepdim=True) * W_FD)
+
+
+@torch.no_grad()
+def remove_parallel_grad_lowmem_(W_FD: Tensor) -> None:
+    """remove_parallel_grad_ with no [F, D] temporary: a row-wise dot, then one fused multiply-subtract in place."""
+    if W_FD.grad is not None:
+        W_FD.grad.addcmul_(torch.einsum("fd,fd->f", W_FD.grad, W_FD).unsqueeze(1), W_FD, value=-1)
 
 
 @torch.no_grad()
@@ -255,25 +327,32 @@ class FiringTracker:
         self.tokens_since_fired = state["tokens_since_fired"].clone().long()
 
 
-_TILE = 1 << 23  # pre-activations held at once by blocked_topk: 32 MiB in float32
+_TILE = 1 << 24  # pre-activations held at once by blocked_topk: 64 MiB in float32
 
 
-_GROUP = 16  # latents per group in _tile_topk's first level
+def _topk_cost(n: int, k: int) -> float:
+    """torch.topk's relative CPU cost on rows of n: a heap scan when n >= 64 k, else an introselect ~3x slower."""
+    return n if n >= 64 * k else 3 * n
 
 
 def _tile_topk(tile_RC: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Each row's top k of a tile (values, columns), unsorted, in two levels: the top k groups of 16 columns by their
-    max hold the top k values (each of those values lies in a group whose max is at least it), so one vectorised max
-    and two small top-k's replace a top-k over the row (torch.topk costs ~20x a max per element)."""
+    """Each row's top k of a tile (values, columns), unsorted, in two levels. Split the columns into G groups of g
+    (group q = columns q, q + G, q + 2G, ...): the top k groups by their max hold the top k values, since each of
+    those lies in a group whose max is at least it. The max over groups is g contiguous slabs combined elementwise
+    (vectorised), and what is left is two small top-k's: torch.topk costs ~10x an elementwise max per value. g is
+    the power of 2 that makes those two cheapest."""
     R, C = tile_RC.shape
-    G = C // _GROUP
-    if G < 4 * k:
+    cost = {g: _topk_cost(C // g, k) + _topk_cost(k * g, k) for g in (2, 4, 8, 16, 32, 64) if C >= 4 * k * g}
+    g = min(cost, key=cost.get, default=None)
+    if g is None or cost[g] >= _topk_cost(C, k):
         return tile_RC.topk(k, dim=1, sorted=False)
-    groups = tile_RC.as_strided((R, G, _GROUP), (tile_RC.stride(0), _GROUP, 1)).amax(2)
-    cols = groups.topk(k, dim=1, sorted=False).indices.mul_(_GROUP).unsqueeze(2) + torch.arange(_GROUP, device=tile_RC.device)
-    cols = cols.view(R, k * _GROUP)
-    if C > G * _GROUP:  # the last columns, fewer than a group: always candidates
-        cols = torch.cat([cols, torch.arange(G * _GROUP, C, device=tile_RC.device).expand(R, -1)], 1)
+    G = C // g
+    slabs = tile_RC.as_strided((R, g, G), (tile_RC.stride(0), G, 1))
+    group_max = slabs.amax(1)
+    cols = group_max.topk(k, dim=1, sorted=False).indices.unsqueeze(2) + torch.arange(0, g * G, G, device=tile_RC.device)
+    cols = cols.view(R, k * g)
+    if C > g * G:  # the last columns, fewer than a group: always candidates
+        cols = torch.cat([cols, torch.arange(g * G, C, device=tile_RC.device).expand(R, -1)], 1)
     vals, j = tile_RC.gather(1, cols).topk(k, dim=1, sorted=False)
     return vals, cols.gather(1, j)
 
@@ -296,15 +375,15 @@ def _running_topk(top: tuple[Tensor, Tensor] | None, vals_NC: Tensor, ids_C: Ten
 
 @torch.no_grad()
 def blocked_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, block_size: int, aux_F: Tensor | None = None,
-                 k_aux: int = 0, cols_G: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+                 k_aux: int = 0, cols_G: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Each token's top k of pre = x W_enc + b_enc, without the [N, F] matrix: (vals [N, k] sorted descending, idx).
 
-    pre is computed a tile of [rows, block_size] latents at a time into one reused buffer (rows = 2^23 / block_size,
-    so the tile is 32 MiB in float32), each tile's top k merged into a running top k. With aux_F (bool [F]) the same
-    pass also keeps each token's top k_aux among those latents: (aux_vals, aux_idx) [N, min(k_aux, aux_F.sum())],
+    pre is computed a tile of [rows, block_size latents] at a time into one reused buffer (rows = _TILE / block_size:
+    2^24 values, 64 MiB in float32), each tile's top k merged into its rows' running top k. With aux_F (bool [F]) the
+    same pass keeps each token's top k_aux among those latents too: (aux_vals, aux_idx) [N, min(k_aux, aux_F.sum())],
     unsorted, else None. cols_G (latent ids) searches those latents only. x is x - b_dec (its caller's business).
     """
-    N, D = x_ND.shape
+    N = x_ND.shape[0]
     ids_F = None if cols_G is None else cols_G.to(x_ND.device)
     F_ = W_enc_DF.shape[1] if ids_F is None else len(ids_F)
     k, C = min(k, F_), min(block_size, F_)
@@ -355,7 +434,8 @@ def dead_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, cand_vals: Tensor
     idx = cand_idx.gather(1, j)
     redo = (is_dead.sum(1) < k_aux).nonzero().squeeze(1)
     if len(redo):
-        vals[redo], idx[redo], _, _ = blocked_topk(x_ND[redo], W_enc_DF, b_enc_F, k_aux, block_size, cols_G=dead_F.nonzero().squeeze(1))
+        dead_G = dead_F.nonzero().squeeze(1)
+        vals[redo], idx[redo], _, _ = blocked_topk(x_ND[redo], W_enc_DF, b_enc_F, k_aux, block_size, cols_G=dead_G)
     return vals, idx
 
 

@@ -8,7 +8,8 @@ along each row removed before it). The encoder's dense matmul is the only O(N F 
 chosen values get a sparse backward and are decoded as an embedding bag. TopKObjective never holds
 the [N, F] pre-activations: it computes them in [rows, block_size] tiles with a running top-k, which
 also keeps each token's best AuxK candidates (latents about to die), so one pass serves both; memory
-is O(rows x block_size + N k), not O(N F). `encode_topk(x, block_size=...)` is that encoder alone.
+is one tile (2^24 values) + O(N k), not O(N F). `encode_topk(x, block_size=...)` is that encoder
+alone; `forward` keeps the dense path, so TopKOutput.pre_acts is always the [..., F] tensor.
 
 Dimension key: N tokens, D input dim (d_in), F latents (d_sae), K active latents.
 """
@@ -21,12 +22,15 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._checks import bool_arg, int_arg, real_arg, sizes_arg
 from .io import register_architecture
 from .base import (FiringTracker, UnitNormSAE, blocked_topk, check_input, chosen_pre, dead_topk, dense_from_sparse, fvu,
-                   gather_pre, sparse_decode)
+                   gather_pre, remove_parallel_grad_lowmem_, span_decode, sparse_decode)
+
+
+BLOCK_SIZE = 32768  # TopKObjective's latents per encoder tile (d_sae 32768, 4096 tokens: 8 tiles of 512 tokens x all latents)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,12 @@ class TopKSAE(UnitNormSAE):
     config_class = TopKConfig
     cfg: TopKConfig
 
+    def __init__(self, cfg: TopKConfig, seed: int | None = 0):
+        super().__init__(cfg, seed)
+        # row-major, as a loaded W_enc is: the tied init leaves the transpose of W_dec's layout, which fused Adam
+        # copies to contiguous and back on every step (~40 ms at d_sae 32768 on 2 CPU threads)
+        self.W_enc = nn.Parameter(self.W_enc.detach().contiguous())
+
     def encode_topk(self, x: Tensor, k: int | None = None, block_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending. With block_size, the
         pre-activations are computed that many latents at a time and never held whole: pre_acts is then None."""
@@ -90,6 +100,9 @@ class TopKSAE(UnitNormSAE):
 
     def decode_sparse(self, acts: Tensor, indices: Tensor) -> Tensor:
         return sparse_decode(acts, indices, self.W_dec) + self.b_dec
+
+    def before_step_(self) -> None:
+        remove_parallel_grad_lowmem_(self.W_dec)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [..., F]."""
@@ -113,14 +126,15 @@ class TopKObjective:
     detached residual x - x_hat from the top `k_aux` dead latents (no b_dec: the residual has
     none), with the same FVU reduction as the main loss, so the two terms are on one scale.
 
-    block_size: encoder latents per tile (memory O(N k + 2^23), never the [N, F] pre-activations; the running
-    top-k also keeps each token's top 2 k_aux among the latents that die unless they fire in this batch, so AuxK
-    needs no second pass), or None for the dense path that holds [N, F] (the reference). A compute setting, not a
-    hyperparameter: results agree to float rounding, so it is not in config_dict.
+    block_size: latents per tile of the encoder (see base.blocked_topk: a tile holds 2^24 pre-activations, 64 MiB
+    in float32, never the [N, F] matrix; the running top-k also keeps each token's top 2 k_aux among the latents
+    that die unless they fire in this batch, so AuxK needs no second pass over W_enc), or None for the dense path
+    that holds [N, F] (the reference). A compute setting, not a hyperparameter: the results agree to float
+    rounding, so it is not in config_dict.
     """
 
     def __init__(self, sae: TopKSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
-                 dead_tokens: int = 10_000_000, multi_topk: bool = False, block_size: int | None = 8192):
+                 dead_tokens: int = 10_000_000, multi_topk: bool = False, block_size: int | None = BLOCK_SIZE):
         if not hasattr(sae, "encode_topk") or not isinstance(getattr(sae, "cfg", None), TopKConfig):
             raise ValueError(f"TopKObjective: sae must be a TopKSAE (with encode_topk and a TopKConfig), got {type(sae).__name__}")
         aux_coef = real_arg("TopKObjective", "aux_coef", aux_coef)
@@ -157,19 +171,21 @@ class TopKObjective:
                     aux_vals, aux_idx = dead_topk(xc, W_enc, b_enc, cand_vals, cand_idx, dead, n_aux, self.block_size)
             vals, idx = torch.cat([vals, aux_vals], 1), torch.cat([idx, aux_idx], 1)
         acts_all = torch.relu(chosen_pre(x, sae.b_dec, sae.W_enc, sae.b_enc, idx, vals))
-        acts, idx_k = acts_all[:, :k], idx[:, :k]
-        x_hat = sae.decode_sparse(acts, idx_k)
+        spans = [(0, k)] + [(0, k_all)] * self.multi_topk + [(k_all, k_all + n_aux)] * (n_aux > 0)
+        decoded = span_decode(acts_all, idx, sae.W_dec, spans)  # x_hat, the 4k x_hat, AuxK's e_hat: one backward
+        x_hat = decoded[0] + sae.b_dec
+        acts = acts_all[:, :k]
         main = fvu(x_hat, x)
         loss = main
         logs = {"fvu": main.item(), "l0": (acts > 0).sum(1).float().mean().item()}
         if self.multi_topk:
-            multi = fvu(sae.decode_sparse(acts_all[:, :k_all], idx[:, :k_all]), x)
+            multi = fvu(decoded[1] + sae.b_dec, x)
             loss = loss + multi / 8
             logs["fvu_4k"] = multi.item()
         logs["dead_fraction"] = dead.float().mean().item()
         if n_aux:
             e = (x - x_hat).detach()
-            aux = fvu(sparse_decode(acts_all[:, k_all:], idx[:, k_all:], sae.W_dec), e)
+            aux = fvu(decoded[-1], e)
             loss = loss + self.aux_coef * aux
             logs["aux_loss"] = aux.item()
         logs["loss"] = loss.item()
