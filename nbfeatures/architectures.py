@@ -328,7 +328,7 @@ def _measured_order(module: nn.Module) -> dict[tuple[str, str], float] | None:
     try:
         with torch.no_grad(), (patterns_on(module) if with_patterns else contextlib.nullcontext()):
             ids = torch.zeros(1, 2, dtype=torch.long, device=next(module.parameters()).device)
-            module(ids) if type(module).__name__ == "HookedTransformer" else module(input_ids=ids, attention_mask=torch.ones_like(ids))
+            module(ids) if type(module).__name__ == "HookedTransformer" else module(input_ids=ids)
     except Exception:  # not a language model we can call with token ids: fall back to the module tree
         return None
     finally:
