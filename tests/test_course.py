@@ -8,9 +8,7 @@ check the checkers against the very code the solutions notebook runs.
 from __future__ import annotations
 
 import importlib
-import pathlib
 
-import jupytext
 import pytest
 import torch
 
@@ -20,37 +18,14 @@ from nbfeatures.course import NOT_IMPLEMENTED, CheckFailed, Mistake, compare, re
 from nbfeatures.course import ch1_sites as ch1
 from nbfeatures.widgets import CourseProgress
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from nbfeatures.course.checking import student_hooks
+from course_support import fails, master_solutions, named, stub
 
 
 @pytest.fixture(scope="module")
 def sol():
     """The master's solution functions: read_resid, attention_pattern, head_pattern, steered_logits, topic_logprob_shift."""
-    master = jupytext.read(ROOT / "course" / "masters" / "01_sites.py")
-    namespace = {"torch": torch, "nbf": nbf}
-    for cell in master.cells:
-        if "solution" in cell.metadata.get("tags", []):
-            exec(compile(cell.source, "01_sites.py solution", "exec"), namespace)
-    return namespace
-
-
-def fails(check, fn) -> CheckFailed:
-    with pytest.raises(CheckFailed) as info:
-        check(fn)
-    return info.value
-
-
-def named(check, fn, words: str) -> CheckFailed:
-    """The check fails on `fn` and names the known mistake whose name contains `words`."""
-    err = fails(check, fn)
-    assert err.mistake is not None and words in err.mistake.name, str(err)
-    assert str(err).startswith(check.exercise.label + ": " + err.mistake.name + ": " + err.mistake.fix), str(err)
-    assert "\n    (on " in str(err), str(err)  # the second line says on which case
-    return err
-
-
-def stub(*args):
-    raise NotImplementedError
+    return master_solutions("01_sites")
 
 
 def block(model, layer):
@@ -206,7 +181,7 @@ def test_ch1_read_resid_names_its_mistakes():
     named(ch1.check_read_resid, first_element, "output[0]")
     named(ch1.check_read_resid, last_hidden_state, "final LayerNorm")
     named(ch1.check_read_resid, leaky, "still registered")
-    assert ch1._student_hooks(ch1.stories()) == {}  # the leaked hook was removed (transformers keeps hooks of its own)
+    assert student_hooks(ch1.stories()) == {}  # the leaked hook was removed (transformers keeps hooks of its own)
     named(ch1.check_read_resid, lambda model, ids, layer: ch1.ref_read_resid(model, ids, layer)[:, -1], "last position")
 
 
@@ -283,7 +258,7 @@ def test_ch1_steered_logits_names_its_mistakes():
     named(ch1.check_steered_logits, steer(in_place_copy=True), "never reached the model")
     named(ch1.check_steered_logits, steer(pre=True), "block's input")
     named(ch1.check_steered_logits, steer(leak=True), "still registered")
-    assert ch1._student_hooks(ch1.stories()) == {}
+    assert student_hooks(ch1.stories()) == {}
 
 
 def test_ch1_topic_logprob_shift_names_its_mistakes(sol):

@@ -7,47 +7,23 @@ the checkers against the very code the solutions notebook runs.
 
 from __future__ import annotations
 
-import pathlib
-
-import jupytext
 import pytest
 import torch
 
-import nbfeatures as nbf
-from nbfeatures.course import CheckFailed
 from nbfeatures.course import ch2_topk as ch2
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from course_support import master_solutions, stub
+from course_support import named as _named
+
+
+def named(check, fn, words: str):
+    return _named(check, fn, words, where="\n    (")  # this chapter's second lines say where, not always "on"
 
 
 @pytest.fixture(scope="module")
 def sol():
     """The master's solution functions: topk_encode, train_step, dead_fraction, auxk_loss."""
-    master = jupytext.read(ROOT / "course" / "masters" / "02_topk.py")
-    namespace = {"torch": torch, "nbf": nbf}
-    for cell in master.cells:
-        if "solution" in cell.metadata.get("tags", []):
-            exec(compile(cell.source, "02_topk.py solution", "exec"), namespace)
-    return namespace
-
-
-def fails(check, fn) -> CheckFailed:
-    with pytest.raises(CheckFailed) as info:
-        check(fn)
-    return info.value
-
-
-def named(check, fn, words: str) -> CheckFailed:
-    """The check fails on `fn` and names the known mistake whose name contains `words`."""
-    err = fails(check, fn)
-    assert err.mistake is not None and words in err.mistake.name, str(err)
-    assert str(err).startswith(check.exercise.label + ": " + err.mistake.name + ": " + err.mistake.fix), str(err)
-    assert "\n    (" in str(err), str(err)  # the second line says where
-    return err
-
-
-def stub(*args):
-    raise NotImplementedError
+    return master_solutions("02_topk")
 
 
 @pytest.mark.parametrize("name", ["topk_encode", "train_step", "dead_fraction", "auxk_loss"])

@@ -7,49 +7,21 @@ check the checkers against the very code the solutions notebook runs.
 
 from __future__ import annotations
 
-import pathlib
-
-import jupytext
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nbfeatures as nbf
-from nbfeatures.course import CheckFailed
 from nbfeatures.course import ch3_codebook as ch3
 from nbfeatures.data import TokFSM
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from course_support import fails, master_solutions, named, stub
 
 
 @pytest.fixture(scope="module")
 def sol():
     """The master's solution functions: code_similarities, codebook_snap, state_labels, best_state_codes, forced_next_states."""
-    master = jupytext.read(ROOT / "course" / "masters" / "03_codebook.py")
-    namespace = {"torch": torch, "nbf": nbf, "F": F, "fsm": TokFSM()}
-    for cell in master.cells:
-        if "solution" in cell.metadata.get("tags", []):
-            exec(compile(cell.source, "03_codebook.py solution", "exec"), namespace)
-    return namespace
-
-
-def fails(check, fn) -> CheckFailed:
-    with pytest.raises(CheckFailed) as info:
-        check(fn)
-    return info.value
-
-
-def named(check, fn, words: str) -> CheckFailed:
-    """The check fails on `fn` and names the known mistake whose name contains `words`."""
-    err = fails(check, fn)
-    assert err.mistake is not None and words in err.mistake.name, str(err)
-    assert str(err).startswith(check.exercise.label + ": " + err.mistake.name + ": " + err.mistake.fix), str(err)
-    assert "\n    (on " in str(err), str(err)  # the second line says on which case
-    return err
-
-
-def stub(*args):
-    raise NotImplementedError
+    return master_solutions("03_codebook", F=F, fsm=TokFSM())
 
 
 NAMES = ["code_similarities", "codebook_snap", "state_labels", "best_state_codes", "forced_next_states"]

@@ -8,48 +8,21 @@ check the checkers against the very code the solutions notebook runs.
 
 from __future__ import annotations
 
-import pathlib
-
-import jupytext
 import pytest
 import torch
 import torch.nn.functional as F
 
 import nbfeatures as nbf
-from nbfeatures.course import CheckFailed
 from nbfeatures.course import ch4_e2e_bae as ch4
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from nbfeatures.course.checking import student_hooks
+from course_support import master_solutions, named, stub
 
 
 @pytest.fixture(scope="module")
 def sol():
     """The master's solution functions: kl_clean_to_spliced, e2e_loss, binary_step, minibatch_entropy."""
-    master = jupytext.read(ROOT / "course" / "masters" / "04_e2e_bae.py")
-    namespace = {"torch": torch, "nbf": nbf}
-    for cell in master.cells:
-        if "solution" in cell.metadata.get("tags", []):
-            exec(compile(cell.source, "04_e2e_bae.py solution", "exec"), namespace)
-    return namespace
-
-
-def fails(check, fn) -> CheckFailed:
-    with pytest.raises(CheckFailed) as info:
-        check(fn)
-    return info.value
-
-
-def named(check, fn, words: str) -> CheckFailed:
-    """The check fails on `fn` and names the known mistake whose name contains `words`."""
-    err = fails(check, fn)
-    assert err.mistake is not None and words in err.mistake.name, str(err)
-    assert str(err).startswith(check.exercise.label + ": " + err.mistake.name + ": " + err.mistake.fix), str(err)
-    assert "\n    (on " in str(err), str(err)  # the second line says on which case
-    return err
-
-
-def stub(*args):
-    raise NotImplementedError
+    return master_solutions("04_e2e_bae")
 
 
 @pytest.mark.parametrize("name", ["kl_clean_to_spliced", "e2e_loss", "binary_step", "minibatch_entropy"])
@@ -129,7 +102,7 @@ def test_ch4_e2e_loss_names_its_mistakes(sol):
     named(ch4.check_e2e_loss, lambda *a: loss(*a, pre=False), "block's output")
     named(ch4.check_e2e_loss, lambda *a: loss(*a, no_grad=True), "no gradient")
     named(ch4.check_e2e_loss, lambda *a: loss(*a, leak=True), "still registered")
-    assert ch4._student_hooks(ch4.stories()) == {}  # the leaked hook was removed
+    assert student_hooks(ch4.stories()) == {}  # the leaked hook was removed
 
     def clean_twice(model, sae, ids, site):
         with torch.no_grad():

@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import sites, zoo
 from ..data import StoryCorpus
 from ..edits import Steer
-from .checking import CheckFailed, Mistake, call, compare, is_student_code, quietly, register
+from .checking import CheckFailed, Mistake, call, call_without_leaks, compare, quietly, register
 
 chapter = register("ch1_sites", "Sites and steering")
 PROMPT = "Mia was a little girl who loved the sea ."
@@ -68,40 +68,8 @@ def _site(model, ids: Tensor, name: str) -> Tensor:
         return sites.read_acts(model, ids, name)[name]
 
 
-def _student_hooks(model) -> dict[tuple[int, str, int], tuple]:
-    """Every forward hook and pre-hook the student's code put on the model (transformers keeps hooks of its own)."""
-    found = {}
-    for name, m in sites.unwrap(model).named_modules():
-        for kind, hooks in (("forward hook", m._forward_hooks), ("forward pre-hook", m._forward_pre_hooks)):
-            for hid, fn in hooks.items():
-                if is_student_code(fn):
-                    found[(id(m), kind, hid)] = (name or "the model", hooks, hid)
-    return found
-
-
 LEFT_HOOK = Mistake("your hook is still registered after your function returned (every later forward pass runs it)",
                     "keep the handle h = module.register_forward_hook(...) and call h.remove() in a finally: block")  # fmt: skip
-
-
-def _call_without_leaks(model, fn, *args, case: str):
-    """Call the student's function; any hook it leaves on the model is removed, and reported if the call returned."""
-    before = _student_hooks(model)
-
-    def remove_leaks() -> list[str]:
-        leaked = {k: v for k, v in _student_hooks(model).items() if k not in before}
-        for name, hooks, hid in leaked.values():
-            del hooks[hid]
-        return sorted({name for name, _, _ in leaked.values()})
-
-    try:
-        out = call(fn, model, *args, case=case)
-    except BaseException:
-        remove_leaks()
-        raise
-    leaked = remove_leaks()
-    if leaked:
-        raise LEFT_HOOK.failed(f"on {case}: left on {leaked}; removed now")
-    return out
 
 
 # ----------------------------------------------------------------------------- 1.1 read the residual stream
@@ -136,7 +104,7 @@ def check_read_resid(read_resid) -> str:
     cases = [(f"the prompt {PROMPT!r}, layer 1", prompt_ids(), 1), ("2 random sequences of 7 tokens, layer 0", random_ids(0, 2, 7), 0),
              ("a single token (BOS), layer 2", prompt_ids()[:, :1], 2), ("the prompt, layer 3 (the last block)", prompt_ids(), 3)]  # fmt: skip
     for case, ids, layer in cases:
-        got = _call_without_leaks(m, read_resid, ids.clone(), layer, case=case)
+        got = call_without_leaks(m, read_resid, ids.clone(), layer, case=case, left_hook=LEFT_HOOK)
         compare(got, ref_read_resid(m, ids, layer), case=case, args=(m, ids, layer), mistakes=READ_RESID_MISTAKES)
     return f"equals read_acts at blocks.L.hook_resid_post on {len(cases)} inputs"
 
@@ -235,7 +203,7 @@ def check_head_pattern(head_pattern) -> str:
     cases = [("the prompt, layer 1, head 2", prompt_ids(), 1, 2), ("2 random sequences of 9 tokens, layer 3, head 0", random_ids(1, 2, 9), 3, 0),
              ("the prompt, layer 0, head 3", prompt_ids(), 0, 3)]  # fmt: skip
     for case, ids, layer, head in cases:
-        got = _call_without_leaks(m, head_pattern, ids.clone(), layer, head, case=case)
+        got = call_without_leaks(m, head_pattern, ids.clone(), layer, head, case=case, left_hook=LEFT_HOOK)
         compare(got, ref_head_pattern(m, ids, layer, head), case=case, args=(m, ids, layer, head), mistakes=HEAD_MISTAKES)
     return f"equals blocks.L.attn.hook_pattern[:, head] on {len(cases)} inputs"
 
@@ -282,7 +250,7 @@ def check_steered_logits(steered_logits) -> str:
              ("2 random sequences of 6 tokens, layer 0, a random direction of norm 3, coef -2.5", random_ids(3, 2, 6), 0, d_rand, -2.5),
              ("the prompt, layer 3, coef 0 (must equal the clean run)", prompt_ids(), 3, d_rand, 0.0)]  # fmt: skip
     for case, ids, layer, direction, coef in cases:
-        got = _call_without_leaks(m, steered_logits, ids.clone(), layer, direction.clone(), coef, case=case)
+        got = call_without_leaks(m, steered_logits, ids.clone(), layer, direction.clone(), coef, case=case, left_hook=LEFT_HOOK)
         compare(got, ref_steered_logits(m, ids, layer, direction, coef), case=case, args=(m, ids, layer, direction, coef),
                 mistakes=STEER_MISTAKES, atol=1e-4)  # fmt: skip
     return f"equals run(model, ids, [Steer(blocks.L.hook_resid_post, direction, coef, positions=-1)]) on {len(cases)} inputs"
@@ -339,7 +307,7 @@ def check_topic_logprob_shift(topic_logprob_shift) -> str:
              ("the prompt, coef 0 (no shift)", prompt_ids(), 3, d_rand, 0.0, topic_words("space"))]  # fmt: skip
     for case, ids, layer, direction, coef, words in cases:
         args = (m, ids, layer, direction, coef, words)
-        got = _call_without_leaks(m, topic_logprob_shift, ids.clone(), layer, direction.clone(), coef, words.clone(), case=case)
+        got = call_without_leaks(m, topic_logprob_shift, ids.clone(), layer, direction.clone(), coef, words.clone(), case=case, left_hook=LEFT_HOOK)
         if isinstance(got, Tensor) and got.dim() == 2 and got.shape[1] == ids.shape[1] > 1:  # [B, T]: a shift per position
             raise EVERY_POSITION.failed(f"on {case}: your output has shape {list(got.shape)}, expected [{len(ids)}]")
         compare(got, ref_topic_logprob_shift(*args), case=case, args=args, mistakes=SHIFT_MISTAKES, atol=1e-4)

@@ -26,7 +26,7 @@ from ..edits import Splice
 from ..sae import E2EObjective, TopKConfig, TopKSAE, load_sae
 from ..sae.binary import binary_step, feature_set_entropy, minibatch_entropy
 from ..sae.e2e import kl_clean_to_spliced
-from .checking import CheckFailed, Mistake, call, compare, is_student_code, quietly, register
+from .checking import CheckFailed, Mistake, call, call_without_leaks, compare, quietly, register
 
 chapter = register("ch4_e2e_bae", "End-to-end SAEs and binary autoencoders")
 SITE = "blocks.1.hook_resid_pre"  # where the shipped local, e2e and e2e+ds SAEs live
@@ -62,40 +62,9 @@ def _logits(model, ids: Tensor, edits=()) -> Tensor:
         return sites.run(model, ids, list(edits)).logits
 
 
-def _student_hooks(model) -> dict:
-    found = {}
-    for name, m in sites.unwrap(model).named_modules():
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for hid, fn in hooks.items():
-                if is_student_code(fn):
-                    found[(id(m), id(hooks), hid)] = (name or "the model", hooks, hid)
-    return found
-
-
 LEFT_HOOK = Mistake("your hook is still registered after your function returned (every later forward pass runs it)",
                     "keep the handle h = module.register_forward_pre_hook(...) and call h.remove() in a finally: block, "
                     "or splice with the library: nbf.run(model, ids, [nbf.Splice(site, sae)])")  # fmt: skip
-
-
-def _call_without_leaks(model, fn, *args, case: str):
-    """Call the student's function; a hook it leaves on the model is removed, and reported if the call returned."""
-    before = _student_hooks(model)
-
-    def remove_leaks() -> list[str]:
-        leaked = {k: v for k, v in _student_hooks(model).items() if k not in before}
-        for _, hooks, hid in leaked.values():
-            del hooks[hid]
-        return sorted({name for name, _, _ in leaked.values()})
-
-    try:
-        out = call(fn, model, *args, case=case)
-    except BaseException:
-        remove_leaks()
-        raise
-    leaked = remove_leaks()
-    if leaked:
-        raise LEFT_HOOK.failed(f"on {case}: left on {leaked}; removed now")
-    return out
 
 
 # ----------------------------------------------------------------------------- 4.1 the KL objective
@@ -228,7 +197,7 @@ def check_e2e_loss(e2e_loss) -> str:
         ref_sae, my_sae = copy.deepcopy(sae).requires_grad_(True), copy.deepcopy(sae).requires_grad_(True)
         want = ref_e2e_loss(m, ref_sae, ids, site)
         want.backward()
-        got = _call_without_leaks(m, e2e_loss, my_sae, ids.clone(), site, case=case)
+        got = call_without_leaks(m, e2e_loss, my_sae, ids.clone(), site, case=case, left_hook=LEFT_HOOK)
         compare(got, want, case=case, args=(m, sae, ids, site), mistakes=E2E_MISTAKES)
         if not isinstance(got, Tensor) or not got.requires_grad:
             raise E2E_NO_GRAD.failed(f"on {case}: your loss has no grad_fn")

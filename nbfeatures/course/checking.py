@@ -175,6 +175,40 @@ def call(fn: Any, *args: Any, case: str | None = None) -> Any:
         raise _StudentRaised(e, case) from e
 
 
+def student_hooks(model: Any) -> dict[tuple[int, int, int], tuple]:
+    """Every forward hook and pre-hook the student's code put on the model (transformers keeps hooks of its own)."""
+    from .. import sites  # the methods layer may import sites; kept local so checking stays light to import
+
+    found = {}
+    for name, m in sites.unwrap(model).named_modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hid, fn in hooks.items():
+                if is_student_code(fn):
+                    found[(id(m), id(hooks), hid)] = (name or "the model", hooks, hid)
+    return found
+
+
+def call_without_leaks(model: Any, fn: Any, *args: Any, case: str, left_hook: Mistake) -> Any:
+    """`call(fn, model, *args)`; any hook it leaves on the model is removed, and reported as `left_hook` if it returned."""
+    before = student_hooks(model)
+
+    def remove_leaks() -> list[str]:
+        leaked = {k: v for k, v in student_hooks(model).items() if k not in before}
+        for _, hooks, hid in leaked.values():
+            del hooks[hid]
+        return sorted({name for name, _, _ in leaked.values()})
+
+    try:
+        out = call(fn, model, *args, case=case)
+    except BaseException:
+        remove_leaks()
+        raise
+    leaked = remove_leaks()
+    if leaked:
+        raise left_hook.failed(f"on {case}: left on {leaked}; removed now")
+    return out
+
+
 @contextlib.contextmanager
 def quietly() -> Iterator[None]:
     """Silence output, warnings and transformers' progress bars while a checker loads what it compares against."""
