@@ -9,6 +9,8 @@ from nbfeatures.sae import BatchTopKConfig, BatchTopKObjective, BatchTopKSAE, Ju
 from nbfeatures.sae.base import fvu
 from nbfeatures.sae.batchtopk import batch_topk
 from nbfeatures.train import TrainConfig, train_sae
+from nbfeatures import metrics
+from nbfeatures.evals import planted_directions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,27 +193,14 @@ def test_resuming_gives_the_weights_and_threshold_of_an_uninterrupted_run(tmp_pa
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in straight.state_dict().items())
 
 
-def planted(n=8192, d=24, g=32, p=3 / 32, seed=0):
-    """x = factors @ directions: unit directions, each on with probability p at U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(g, d, generator=gen), dim=-1)
-    factors = (torch.rand(n, g, generator=gen) < p) * (torch.rand(n, g, generator=gen) + 0.5)
-    return factors @ dirs, dirs
-
-
-def best_cosine(dirs, W_dec):
-    """Mean over planted directions of the best |cosine| with a decoder row."""
-    return (torch.nn.functional.normalize(W_dec.detach(), dim=-1) @ dirs.t()).max(dim=0).values.mean().item()
-
-
 def test_planted_directions_are_recovered():
     """300 steps on three seeds (worst seen: best cosine 0.914, FVU 0.18 at inference); thresholds below the worst."""
     for seed in range(3):
-        x, dirs = planted(seed=seed)
+        x, _, dirs = planted_directions(8192, 24, 32, 3 / 32, seed=seed)
         sae = BatchTopKSAE(BatchTopKConfig(24, 64, 3), seed=seed + 10)  # seeds apart: its random rows are not the planted ones
-        before = best_cosine(dirs, sae.W_dec)
+        before = metrics.recovery(dirs, sae.W_dec.detach())
         train_sae(sae, x, TrainConfig(steps=300, batch_size=256, lr=3e-3, seed=seed), progress=False)
-        after = best_cosine(dirs, sae.W_dec)
+        after = metrics.recovery(dirs, sae.W_dec.detach())
         assert after > 0.88 > 0.7 > before, (seed, before, after)
         with torch.no_grad():  # eval mode: each token against the learned threshold, about k latents each
             out = sae(x)

@@ -14,6 +14,8 @@ from nbfeatures.features import summarize_features
 from nbfeatures.sae import (BatchTopKConfig, BatchTopKSAE, JumpReLUConfig, JumpReLUObjective, JumpReLUSAE, MatryoshkaConfig,
                             MatryoshkaSAE, load_sae, save_sae)
 from nbfeatures.train import TrainConfig, train_sae
+from nbfeatures import metrics
+from nbfeatures.evals import planted_directions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,27 +177,15 @@ def test_a_jumprelu_saelens_trained_stays_inference_only(tmp_path):
     assert type(load_sae(tmp_path)).__name__ == "SAELensSAE"
 
 
-def planted(n=8192, d=24, g=32, p=3 / 32, seed=0):
-    """x = factors @ directions: unit directions, each on with probability p at U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(g, d, generator=gen), dim=-1)
-    factors = (torch.rand(n, g, generator=gen) < p) * (torch.rand(n, g, generator=gen) + 0.5)
-    return factors @ dirs, dirs
-
-
-def best_cosine(dirs, W_dec):
-    return (torch.nn.functional.normalize(W_dec.detach(), dim=-1) @ dirs.t()).max(dim=0).values.mean().item()
-
-
 def test_planted_directions_are_recovered():
     """300 steps on three seeds (worst seen: best cosine 0.92, L0 3.8, FVU 0.09); thresholds below the worst. The
     bandwidth is a few percent of these activations (~1), as the paper's 0.001 is of its normalised ones."""
     for seed in range(3):
-        x, dirs = planted(seed=seed)
+        x, _, dirs = planted_directions(8192, 24, 32, 3 / 32, seed=seed)
         sae = JumpReLUSAE(JumpReLUConfig(24, 64, l0_coef=3e-2, bandwidth=0.05), seed=seed + 10)
-        before = best_cosine(dirs, sae.W_dec)
+        before = metrics.recovery(dirs, sae.W_dec.detach())
         train_sae(sae, x, TrainConfig(steps=300, batch_size=256, lr=1e-2, seed=seed), progress=False)
-        after = best_cosine(dirs, sae.W_dec)
+        after = metrics.recovery(dirs, sae.W_dec.detach())
         with torch.no_grad():
             out = sae(x)
         l0, error = (out.latents > 0).sum(1).float().mean().item(), ((out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()

@@ -7,6 +7,8 @@ import torch
 from nbfeatures.sae import (BatchTopKConfig, BatchTopKSAE, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaSAE, load_sae,
                             save_sae)
 from nbfeatures.train import TrainConfig, train_sae
+from nbfeatures import metrics
+from nbfeatures.evals import planted_directions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,28 +63,16 @@ def test_objective_loss_and_every_gradient_match_the_dense_reference(aux):
         torch.testing.assert_close(fast[name], g, atol=1e-6, rtol=1e-6, msg=name)
 
 
-def planted(n=8192, d=24, g=32, p=3 / 32, seed=0):
-    """x = factors @ directions: unit directions, each on with probability p at U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(g, d, generator=gen), dim=-1)
-    factors = (torch.rand(n, g, generator=gen) < p) * (torch.rand(n, g, generator=gen) + 0.5)
-    return factors @ dirs, dirs
-
-
-def best_cosine(dirs, W_dec):
-    return (torch.nn.functional.normalize(W_dec.detach(), dim=-1) @ dirs.t()).max(dim=0).values.mean().item()
-
-
 def test_every_prefix_loss_falls_and_planted_directions_are_recovered():
     """300 steps on three seeds (worst seen: best cosine 0.84, every prefix's FVU at least 34% down); thresholds
     below the worst. Prefixes 8, 16, 32, 64 of 64 latents: d_sae / 8 ... d_sae, the default."""
     for seed in range(3):
-        x, dirs = planted(seed=seed)
+        x, _, dirs = planted_directions(8192, 24, 32, 3 / 32, seed=seed)
         sae = MatryoshkaSAE(MatryoshkaConfig(24, 64, 3), seed=seed + 10)
         assert sae.cfg.matryoshka_widths == (8, 16, 32, 64)
-        before = best_cosine(dirs, sae.W_dec)
+        before = metrics.recovery(dirs, sae.W_dec.detach())
         hist = train_sae(sae, x, TrainConfig(steps=300, batch_size=256, lr=3e-3, seed=seed, log_every=10), progress=False)
-        after = best_cosine(dirs, sae.W_dec)
+        after = metrics.recovery(dirs, sae.W_dec.detach())
         assert after > 0.8 > 0.7 > before, (seed, before, after)
         for w in (8, 16, 32, 64):
             first, last = hist[f"fvu_{w}"].iloc[:3].mean(), hist[f"fvu_{w}"].iloc[-3:].mean()
