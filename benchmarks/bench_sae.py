@@ -223,10 +223,11 @@ def main() -> None:
             target = " (target <= 1.5)" if "Matryoshka" not in label else ""
             print(f"{label} step / TopKSAE step: {times[label] / t_ours:.2f}x{target}")
     dense_pre = args.batch * f * x.element_size()
-    for label in (OURS, DENSE):
-        peak = peak_extra_memory(working[label])
-        print(f"peak extra memory of a {label} step: {peak / 2**20:.0f} MiB = {peak / dense_pre:.0%} of the dense "
-              f"[batch, d_sae] pre-activations ({dense_pre / 2**20:.0f} MiB)" + (" (target <= 25%)" if label == OURS else ""))
+    for label in (OURS, DENSE, *others):
+        if label in working:
+            peak = peak_extra_memory(working[label])
+            print(f"peak extra memory of a {label} step: {peak / 2**20:.0f} MiB = {peak / dense_pre:.0%} of the dense "
+                  f"[batch, d_sae] pre-activations ({dense_pre / 2**20:.0f} MiB)" + (" (target <= 25%)" if label == OURS else ""))
 
     if not args.sweep:
         return

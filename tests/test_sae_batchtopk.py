@@ -7,7 +7,9 @@ import torch
 
 from nbfeatures.sae import BatchTopKConfig, BatchTopKObjective, BatchTopKSAE, JumpReLUConfig, JumpReLUSAE, load_sae, save_sae
 from nbfeatures.sae.base import fvu
+from nbfeatures.sae import blocked
 from nbfeatures.sae.batchtopk import batch_topk
+from nbfeatures.sae.blocked import BLOCK_SIZE
 from nbfeatures.train import TrainConfig, train_sae
 from nbfeatures import metrics
 from nbfeatures.evals import planted_directions
@@ -49,34 +51,62 @@ def test_batch_topk_is_exact(skew):
     pre = torch.randn(64, 200, generator=g)
     if skew:
         pre[:3] += 4.0
-    idx, keep = batch_topk(pre, 5 * 64)
+    _, idx, keep = batch_topk(pre, 5 * 64)
     ours = torch.zeros_like(pre).scatter_add(1, idx, torch.relu(pre.gather(1, idx)) * keep)
     assert torch.equal(ours, dense_batch_topk(pre, 5 * 64))
     if skew:  # the 2k = 10 candidates per token did not hold the skewed tokens' values
         assert idx.shape[1] > 10
     few = -torch.rand(64, 200, generator=g)  # fewer positive values than k * N: all of them, the rest 0
     few[0, :7] = 1.0
-    idx, keep = batch_topk(few, 5 * 64)
+    _, idx, keep = batch_topk(few, 5 * 64)
     assert torch.equal(torch.zeros_like(few).scatter_add(1, idx, torch.relu(few.gather(1, idx)) * keep), torch.relu(few))
+
+
+@pytest.mark.parametrize("case", ["plain", "skew", "few positive"])
+@pytest.mark.parametrize("block, tile", [(200, 1 << 24), (7, 28), (64, 64)])
+def test_blocked_batch_topk_equals_the_dense_choice(case, block, tile, monkeypatch):
+    """Tiles of `block` latents x tile/block tokens (d_sae 200 not a multiple of 7 or 64); the wide re-read of skewed
+    tokens in chunks of tile/200 rows (at least 1)."""
+    monkeypatch.setattr(blocked, "_TILE", tile)
+    g = torch.Generator().manual_seed(5)
+    x, W, b = torch.randn(64, 12, generator=g), torch.randn(12, 200, generator=g), 0.1 * torch.randn(200, generator=g)
+    if case == "skew":
+        x[:3] *= 5.0
+    if case == "few positive":
+        b -= 8.0
+    pre = torch.addmm(b, x, W)
+    aux_F = torch.rand(200, generator=g) < 0.3
+    vals, idx, keep, aux_vals, aux_idx = blocked.blocked_batch_topk(x, W, b, 5, block, aux_F, 4)
+    dense = lambda v, i, k: torch.zeros_like(pre).scatter_add(1, i, torch.relu(v) * k)  # noqa: E731
+    torch.testing.assert_close(dense(vals, idx, keep), dense_batch_topk(pre, 5 * 64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vals[keep], pre.gather(1, idx)[keep], atol=1e-5, rtol=1e-5)  # the values are pre's
+    if case == "skew":  # the skewed tokens hold more of the top values than their 2k candidates: the wide read ran
+        assert idx.shape[1] > 10
+    want = pre.masked_fill(~aux_F, float("-inf")).topk(4, dim=1).values  # AuxK's candidates from the same pass
+    torch.testing.assert_close(aux_vals.sort(dim=1, descending=True).values, want, atol=1e-5, rtol=1e-5)
+    assert aux_F[aux_idx].all()
 
 
 def test_batch_topk_matches_saelens():
     sae_lens = pytest.importorskip("sae_lens.saes.batchtopk_sae")
     pre = torch.randn(32, 50, generator=torch.Generator().manual_seed(1))
-    idx, keep = batch_topk(pre, 4 * 32)
+    _, idx, keep = batch_topk(pre, 4 * 32)
     ours = torch.zeros_like(pre).scatter_add(1, idx, torch.relu(pre.gather(1, idx)) * keep)
     assert torch.equal(ours, sae_lens.BatchTopK(4)(pre))
 
 
+# block: the dense path (None), one tile (the default), and tiles of 5 latents x 4 tokens
+@pytest.mark.parametrize("block", [None, BLOCK_SIZE, 5])
 @pytest.mark.parametrize("aux, skew", [(False, False), (True, False), (True, True)])
-def test_objective_loss_and_every_gradient_match_the_dense_reference(aux, skew):
+def test_objective_loss_and_every_gradient_match_the_dense_reference(aux, skew, block, monkeypatch):
     """skew: one token holds most of the batch's top values, so it is read with more than 2k candidates (padding)."""
+    monkeypatch.setattr(blocked, "_TILE", 20)  # a block of 5 latents: 4 tokens per tile; the wide read 1 row at a time
     sae = make()
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     if skew:
         x[0] *= 6
         assert sae.encode_batch(x)[1].shape[1] > 6
-    obj = BatchTopKObjective(sae, aux_coef=0.5 if aux else 0.0, k_aux=3, dead_tokens=1)
+    obj = BatchTopKObjective(sae, aux_coef=0.5 if aux else 0.0, k_aux=3, dead_tokens=1, block_size=block)
     obj.firing.tokens_since_fired[:] = 5  # every latent dead but those that fire in this batch
     loss, logs = obj(x)
     torch.autograd.backward(loss)

@@ -13,6 +13,8 @@ from nbfeatures.evals import evaluate_sae
 from nbfeatures.features import summarize_features
 from nbfeatures.sae import (BatchTopKConfig, BatchTopKSAE, JumpReLUConfig, JumpReLUObjective, JumpReLUSAE, MatryoshkaConfig,
                             MatryoshkaSAE, load_sae, save_sae)
+from nbfeatures.sae import blocked
+from nbfeatures.sae.blocked import BLOCK_SIZE
 from nbfeatures.train import TrainConfig, train_sae
 from nbfeatures import metrics
 from nbfeatures.evals import planted_directions
@@ -73,13 +75,16 @@ def grads(sae):
 LOSSES = [dict(sparsity_loss="step"), dict(sparsity_loss="tanh"), dict(sparsity_loss="quadratic", target_l0=2.0)]
 
 
+# block: the reference path through the [N, F] pre (None), one tile (the default), tiles of 5 latents x 4 tokens
+@pytest.mark.parametrize("block", [None, BLOCK_SIZE, 5])
 @pytest.mark.parametrize("path, level", [("sparse", 1.6), ("dense", 0.1)])
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda d: d["sparsity_loss"])
-def test_objective_loss_and_every_gradient_match_the_hand_written_reference(loss, path, level):
+def test_objective_loss_and_every_gradient_match_the_hand_written_reference(loss, path, level, block, monkeypatch):
+    monkeypatch.setattr(blocked, "_TILE", 20)
     sae = make(level, **loss)
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    assert (sae.encode_train(x).idx is None) == (path == "dense")
-    obj = JumpReLUObjective(sae, pre_act_coef=0.7, dead_tokens=1)
+    assert (sae.encode_train(x, block_size=block).idx is None) == (path == "dense")
+    obj = JumpReLUObjective(sae, pre_act_coef=0.7, dead_tokens=1, block_size=block)
     obj.firing.tokens_since_fired[:] = 5  # every latent dead but those that fire in this batch
     loss_value, logs = obj(x)
     torch.autograd.backward(loss_value)
@@ -97,6 +102,21 @@ def test_objective_loss_and_every_gradient_match_the_hand_written_reference(loss
     assert ref["threshold"].abs().max() > 0  # entries fall within the kernel: the estimator is exercised
     for name, g in ref.items():
         torch.testing.assert_close(fast[name], g, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("block, tile", [(50, 1 << 24), (7, 28), (16, 16)])
+def test_blocked_above_finds_every_entry_above_the_floor_in_order(block, tile, monkeypatch):
+    monkeypatch.setattr(blocked, "_TILE", tile)
+    g = torch.Generator().manual_seed(6)
+    x, W, b = torch.randn(20, 6, generator=g), torch.randn(6, 50, generator=g), torch.randn(50, generator=g)
+    floor = 2.0 + torch.rand(50, generator=g)
+    pre = torch.addmm(b, x, W)
+    rows, cols = (pre > floor).nonzero(as_tuple=True)
+    want_vals, want_idx, want_valid = blocked.pack_rows(rows, cols, pre[rows, cols], 20)
+    vals, idx, valid = blocked.blocked_above(x, W, b, floor, block)
+    assert torch.equal(valid, want_valid) and torch.equal(idx[valid], want_idx[valid]) and want_valid.sum(1).min() < idx.shape[1]
+    torch.testing.assert_close(vals, want_vals, atol=1e-5, rtol=1e-5)  # 0 at padding
+    assert blocked.blocked_above(x, W, b, floor - 10.0, block) is None  # most entries qualify: the caller goes dense
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda d: d["sparsity_loss"])

@@ -6,6 +6,7 @@ import torch
 
 from nbfeatures.sae import (BatchTopKConfig, BatchTopKSAE, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaSAE, load_sae,
                             save_sae)
+from nbfeatures.sae import blocked
 from nbfeatures.train import TrainConfig, train_sae
 from nbfeatures import metrics
 from nbfeatures.evals import planted_directions
@@ -31,11 +32,13 @@ def grads(sae):
     return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
+@pytest.mark.parametrize("block", [None, 5])  # the dense path; tiles of 5 latents x 4 tokens
 @pytest.mark.parametrize("aux", [False, True])
-def test_objective_loss_and_every_gradient_match_the_dense_reference(aux):
+def test_objective_loss_and_every_gradient_match_the_dense_reference(aux, block, monkeypatch):
+    monkeypatch.setattr(blocked, "_TILE", 20)
     sae = make()
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    obj = MatryoshkaObjective(sae, aux_coef=0.5 if aux else 0.0, k_aux=3, dead_tokens=1)
+    obj = MatryoshkaObjective(sae, aux_coef=0.5 if aux else 0.0, k_aux=3, dead_tokens=1, block_size=block)
     obj.firing.tokens_since_fired[:] = 5
     loss, logs = obj(x)
     torch.autograd.backward(loss)

@@ -8,9 +8,10 @@ import tempfile
 import pytest
 import torch
 
-from nbfeatures.sae import base
-from nbfeatures.sae.base import (FiringTracker, blocked_topk, chosen_pre, dead_topk, fvu, gather_pre, remove_parallel_grad_,
-                                 remove_parallel_grad_lowmem_, span_decode, sparse_decode)
+from nbfeatures.sae import blocked
+from nbfeatures.sae.base import (FiringTracker, chosen_pre, fvu, gather_pre, remove_parallel_grad_, remove_parallel_grad_lowmem_,
+                                 span_decode, sparse_decode)
+from nbfeatures.sae.blocked import blocked_topk, dead_topk
 from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE
 
 
@@ -56,7 +57,7 @@ def dense_objective(sae, x, k, k_aux, dead_before, dead_tokens, aux_coef=0.5, mu
     (3, 4, 7, 7, 2, 1 << 24),          # k = d_sae
 ])
 def test_blocked_topk_equals_dense_topk(monkeypatch, N, D, F, k, block, tile):
-    monkeypatch.setattr(base, "_TILE", tile)
+    monkeypatch.setattr(blocked, "_TILE", tile)
     torch.manual_seed(0)
     x, W, b = torch.randn(N, D), torch.randn(D, F), torch.randn(F)
     pre = torch.addmm(b, x, W)
@@ -254,7 +255,7 @@ def _peak_allocated(fn) -> int:
 
 
 def test_a_training_step_never_holds_the_dense_pre_activations(monkeypatch):
-    monkeypatch.setattr(base, "_TILE", 1 << 14)  # tiles of 64 KiB
+    monkeypatch.setattr(blocked, "_TILE", 1 << 14)  # tiles of 64 KiB
     N, D, F = 512, 8, 8192
     dense = N * F * 4  # 16 MiB
     peaks = {}

@@ -9,13 +9,10 @@ Adding one: a file in `sae/` with its config, module and objective, and `registe
 Sparse kernels (cost grows with K, not F):
     gather_pre(x, W_enc, b_enc, idx, pre)  = pre[n, idx[n, j]]  whose backward touches only the K chosen columns
     sparse_decode(acts, idx, W_dec)        = sum_j acts[n, j] W_dec[idx[n, j]]   (an embedding bag)
-    chosen_pre(x, b_dec, W_enc, b_enc, idx, vals)  as gather_pre, for values found without an [N, F] pre (below)
+    chosen_pre(x, b_dec, W_enc, b_enc, idx, vals)  as gather_pre, for values found without an [N, F] pre (blocked.py)
     span_decode(acts, idx, W_dec, spans)   sparse decodes of column spans of idx (x_hat and AuxK's e_hat) with one
                                            backward that visits the entries sorted by latent
-Bounded memory (cost still O(N F D), memory O(rows x block)):
-    blocked_topk(x, W_enc, b_enc, k, block)  each token's top k of pre, one [rows, block] tile at a time, with a
-                                             running top-k (and, in the same pass, a top-k over candidate latents)
-    dead_topk(...)                           AuxK's top k_aux among the dead latents from those candidates
+Encoders that never hold the [N, F] pre-activations (blocked_topk, ...) are in blocked.py.
 
 Dimension key: N tokens, D input dim, F latents, K active latents.
 """
@@ -210,11 +207,13 @@ def dense_from_sparse(acts_NK: Tensor, idx_NK: Tensor, n_latents: int) -> Tensor
 
 
 def tied_unit_init(d_in: int, d_sae: int, seed: int | None = 0) -> tuple[Tensor, Tensor]:
-    """(W_enc [D, F], W_dec [F, D]): random unit decoder rows, the encoder their transpose ("tied", Gao et al.)."""
+    """(W_enc [D, F], W_dec [F, D]): random unit decoder rows, the encoder their transpose ("tied", Gao et al.), stored
+    row-major as a loaded W_enc is (a transposed view would make fused Adam copy it to contiguous and back on every
+    step: ~40 ms at d_sae 32768 on 2 CPU threads)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     W_dec = torch.randn(d_sae, d_in, generator=gen)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    return W_dec.t().clone(), W_dec
+    return W_dec.t().contiguous(), W_dec
 
 
 @torch.no_grad()
@@ -294,7 +293,7 @@ class UnitNormSAE(DictionaryModule):
 
     # training hooks the shared loop calls around each optimiser step
     def before_step_(self) -> None:
-        remove_parallel_grad_(self.W_dec)
+        remove_parallel_grad_lowmem_(self.W_dec)
 
     def after_step_(self) -> None:
         unit_norm_rows_(self.W_dec)
@@ -325,118 +324,6 @@ class FiringTracker:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.tokens_since_fired = state["tokens_since_fired"].clone().long()
-
-
-_TILE = 1 << 24  # pre-activations held at once by blocked_topk: 64 MiB in float32
-
-
-def _topk_cost(n: int, k: int) -> float:
-    """torch.topk's relative CPU cost on rows of n: a heap scan when n >= 64 k, else an introselect ~3x slower."""
-    return n if n >= 64 * k else 3 * n
-
-
-def _tile_topk(tile_RC: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Each row's top k of a tile (values, columns), unsorted, in two levels. Split the columns into G groups of g
-    (group q = columns q, q + G, q + 2G, ...): the top k groups by their max hold the top k values, since each of
-    those lies in a group whose max is at least it. The max over groups is g contiguous slabs combined elementwise
-    (vectorised), and what is left is two small top-k's: torch.topk costs ~10x an elementwise max per value. g is
-    the power of 2 that makes those two cheapest."""
-    R, C = tile_RC.shape
-    cost = {g: _topk_cost(C // g, k) + _topk_cost(k * g, k) for g in (2, 4, 8, 16, 32, 64) if C >= 4 * k * g}
-    g = min(cost, key=cost.get, default=None)
-    if g is None or cost[g] >= _topk_cost(C, k):
-        return tile_RC.topk(k, dim=1, sorted=False)
-    G = C // g
-    slabs = tile_RC.as_strided((R, g, G), (tile_RC.stride(0), G, 1))
-    group_max = slabs.amax(1)
-    cols = group_max.topk(k, dim=1, sorted=False).indices.unsqueeze(2) + torch.arange(0, g * G, G, device=tile_RC.device)
-    cols = cols.view(R, k * g)
-    if C > g * G:  # the last columns, fewer than a group: always candidates
-        cols = torch.cat([cols, torch.arange(g * G, C, device=tile_RC.device).expand(R, -1)], 1)
-    vals, j = tile_RC.gather(1, cols).topk(k, dim=1, sorted=False)
-    return vals, cols.gather(1, j)
-
-
-def _running_topk(top: tuple[Tensor, Tensor] | None, vals_NC: Tensor, ids_C: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top k of `top` and one more block of values (latent ids_C), unsorted; a block of <= k values is kept whole."""
-    if vals_NC.shape[1] > k:
-        vals_NC, j = _tile_topk(vals_NC, k)
-        ids_NC = ids_C[j]
-    else:
-        vals_NC, ids_NC = vals_NC.clone(), ids_C.expand(len(vals_NC), -1)
-    if top is None:
-        return vals_NC, ids_NC
-    vals, ids = torch.cat([top[0], vals_NC], 1), torch.cat([top[1], ids_NC], 1)
-    if vals.shape[1] <= k:
-        return vals, ids
-    vals, j = vals.topk(k, dim=1, sorted=False)
-    return vals, ids.gather(1, j)
-
-
-@torch.no_grad()
-def blocked_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, block_size: int, aux_F: Tensor | None = None,
-                 k_aux: int = 0, cols_G: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Each token's top k of pre = x W_enc + b_enc, without the [N, F] matrix: (vals [N, k] sorted descending, idx).
-
-    pre is computed a tile of [rows, block_size latents] at a time into one reused buffer (rows = _TILE / block_size:
-    2^24 values, 64 MiB in float32), each tile's top k merged into its rows' running top k. With aux_F (bool [F]) the
-    same pass keeps each token's top k_aux among those latents too: (aux_vals, aux_idx) [N, min(k_aux, aux_F.sum())],
-    unsorted, else None. cols_G (latent ids) searches those latents only. x is x - b_dec (its caller's business).
-    """
-    N = x_ND.shape[0]
-    ids_F = None if cols_G is None else cols_G.to(x_ND.device)
-    F_ = W_enc_DF.shape[1] if ids_F is None else len(ids_F)
-    k, C = min(k, F_), min(block_size, F_)
-    R = max(1, min(N, _TILE // C))
-    buf = x_ND.new_empty(R * C)
-    vals, idx = x_ND.new_empty(N, k), torch.empty(N, k, dtype=torch.long, device=x_ND.device)
-    aux_vals = aux_idx = None
-    if aux_F is not None:
-        aux_ids = aux_F.to(x_ND.device).nonzero().squeeze(1)
-        k_aux = min(k_aux, len(aux_ids))
-        bounds = torch.searchsorted(aux_ids, torch.arange(0, F_ + C, C, device=x_ND.device)).tolist()  # per block
-        aux_vals, aux_idx = x_ND.new_empty(N, k_aux), torch.empty(N, k_aux, dtype=torch.long, device=x_ND.device)
-    for r in range(0, N, R):
-        x_RD = x_ND[r : r + R]
-        top = aux = None
-        for b, j in enumerate(range(0, F_, C)):
-            c = min(C, F_ - j)
-            tile = buf[: len(x_RD) * c].view(len(x_RD), c)
-            if ids_F is None:
-                ids = torch.arange(j, j + c, device=x_ND.device)
-                torch.addmm(b_enc_F[j : j + c], x_RD, W_enc_DF[:, j : j + c], out=tile)
-            else:
-                ids = ids_F[j : j + c]
-                torch.addmm(b_enc_F[ids], x_RD, W_enc_DF[:, ids], out=tile)
-            top = _running_topk(top, tile, ids, k)
-            if aux_F is not None and bounds[b + 1] > bounds[b] and k_aux > 0:
-                here = aux_ids[bounds[b] : bounds[b + 1]]
-                aux = _running_topk(aux, tile.index_select(1, here - j), here, k_aux)
-        top_vals, order = top[0].sort(dim=1, descending=True)
-        vals[r : r + R], idx[r : r + R] = top_vals, top[1].gather(1, order)
-        if aux is not None:
-            aux_vals[r : r + R], aux_idx[r : r + R] = aux
-    return vals, idx, aux_vals, aux_idx
-
-
-@torch.no_grad()
-def dead_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, cand_vals: Tensor, cand_idx: Tensor, dead_F: Tensor,
-              k_aux: int, block_size: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """AuxK's choice without [N, F]: each token's top k_aux (<= dead count) among the dead latents, (vals, idx) sorted.
-
-    cand_* are blocked_topk's aux output over a superset of the dead latents (those that die unless they fire in
-    this batch). A token whose candidates hold >= k_aux dead latents has its answer among them (every dead latent
-    left out is below them all); any other token is searched again over the dead latents alone.
-    """
-    dead_F = dead_F.to(cand_idx.device)
-    is_dead = dead_F[cand_idx]
-    vals, j = cand_vals.masked_fill(~is_dead, float("-inf")).topk(k_aux, dim=1)
-    idx = cand_idx.gather(1, j)
-    redo = (is_dead.sum(1) < k_aux).nonzero().squeeze(1)
-    if len(redo):
-        dead_G = dead_F.nonzero().squeeze(1)
-        vals[redo], idx[redo], _, _ = blocked_topk(x_ND[redo], W_enc_DF, b_enc_F, k_aux, block_size, cols_G=dead_G)
-    return vals, idx
 
 
 def fvu(x_hat: Tensor, x: Tensor) -> Tensor:

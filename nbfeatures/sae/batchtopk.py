@@ -14,7 +14,8 @@ leave it) each token is thresholded alone. save_sae writes what SAELens's `save_
 `jumprelu` folder with threshold = ones(d_sae) * threshold, metadata.training_architecture = "batchtopk".
 
 The batch top-k is exact without sorting all N*F values: each token's top 2k candidates give a lower bound on the
-k*N-th value; a token whose candidates all reach it is read again with every value above the bound.
+k*N-th value; a token whose candidates all reach it is read again with every value above the bound
+(blocked.batch_select). Training finds the candidates tile by tile, never holding the [N, F] pre-activations.
 
 Dimension key: N tokens, D input dim (d_in), F latents (d_sae), M candidate latents per token.
 """
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor
 
 from .._checks import int_arg, is_int, real_arg, sizes_arg
-from .base import FiringTracker, UnitNormSAE, auxk_loss, check_input, fvu, gather_pre, sparse_decode
+from .base import FiringTracker, UnitNormSAE, check_input, chosen_pre, fvu, gather_pre, span_decode, sparse_decode
+from .blocked import BLOCK_SIZE, batch_select, blocked_batch_topk, dead_topk
 from .io import register_architecture
 from .jumprelu import JumpReLUOutput, jumprelu
 
@@ -60,30 +62,17 @@ def check_k(owner: str, cfg: Any) -> None:
 
 
 @torch.no_grad()
-def batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """(idx [N, M], keep [N, M] bool): candidate latents per token, and which of them hold the n_keep largest values
-    of relu(pre) in the whole batch (exact up to ties; kept zeros, when fewer values are positive, are harmless). A
-    column not kept may repeat a kept one's index (padding): scatter with a sum."""
+def batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(vals, idx, keep) [N, M]: the n_keep largest values of relu(pre) in the whole batch, from the dense [N, F] pre
+    (blocked.batch_select: each token's top 2 n_keep / N candidates, widened where a token may hold more)."""
     N, F_ = pre_NF.shape
-    m = min(F_, 2 * math.ceil(n_keep / N))
-    vals, idx = pre_NF.topk(m, dim=1, sorted=False)
-    top = vals.flatten().topk(n_keep, sorted=False)
-    bound = top.values.min()  # <= the true n_keep-th value
-    last = vals.min(dim=1).values  # every value a token left out is <= its `last`
-    short = ((last >= bound) & (last > 0)).nonzero().squeeze(1)  # tokens that may hold more of the top values
-    chosen = top.indices  # exact unless some token may hold more of the top values than its m candidates
-    if m < F_ and len(short):
-        rows = pre_NF[short]
-        wide = int((rows >= bound if bound > 0 else rows > 0).sum(1).max())  # all their values that may be kept
-        more_vals, more_idx = rows.topk(wide, dim=1, sorted=False)
-        vals = torch.cat([vals, vals.new_full((N, wide - m), float("-inf"))], 1)  # padding: never chosen
-        idx = torch.cat([idx, idx.new_zeros(N, wide - m)], 1)
-        vals[short], idx[short] = more_vals, more_idx
-        chosen = vals.flatten().topk(n_keep, sorted=False).indices
-    keep = torch.zeros(vals.numel(), dtype=torch.bool, device=pre_NF.device).index_fill_(0, chosen, True).view(N, -1)
-    # drop the columns no token needs: each token's kept candidates first, M = the most any token keeps
-    order = keep.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, : max(1, int(keep.sum(1).max()))]
-    return idx.gather(1, order), keep.gather(1, order)
+    vals, idx = pre_NF.topk(min(F_, 2 * math.ceil(n_keep / N)), dim=1, sorted=False)
+    widen = lambda rows, bound: _at_least(pre_NF[rows], bound)  # noqa: E731
+    return batch_select(vals, idx, F_, n_keep, widen)
+
+
+def _at_least(rows_SF: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
+    return rows_SF.topk(max(1, int((rows_SF >= bound if bound > 0 else rows_SF > 0).sum(1).max())), dim=1, sorted=False)
 
 
 class BatchTopKSAE(UnitNormSAE):
@@ -104,7 +93,7 @@ class BatchTopKSAE(UnitNormSAE):
         """x [N, D] -> (acts [N, M], idx [N, M], pre [N, F]): the batch's top k*N values (0 at candidates not kept)."""
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, x_ND - self.b_dec, self.W_enc)
-            idx, keep = batch_topk(pre, self.cfg.k * len(x_ND))
+            _, idx, keep = batch_topk(pre, self.cfg.k * len(x_ND))
         if torch.is_grad_enabled():
             vals = gather_pre(x_ND - self.b_dec, self.W_enc, self.b_enc, idx, pre)
         else:
@@ -149,10 +138,14 @@ class BatchTopKObjective:
 
     SAELens's 0.01 needs about 1000 steps to settle while the encoder still moves: after a 300-step run the
     threshold lagged (inference L0 about 11 at k = 16 in notebook 08, 15.5 with threshold_lr=0.05). Short runs
-    should raise it."""
+    should raise it.
+
+    block_size: latents per encoder tile (blocked.blocked_batch_topk: never the [N, F] matrix; the same pass finds
+    AuxK's candidates), or None for the dense path (the reference). A compute setting, as for TopKObjective: the
+    results agree to float rounding, so it is not in config_dict."""
 
     def __init__(self, sae: BatchTopKSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
-                 dead_tokens: int = 10_000_000, threshold_lr: float = 0.01):  # fmt: skip
+                 dead_tokens: int = 10_000_000, threshold_lr: float = 0.01, block_size: int | None = BLOCK_SIZE):  # fmt: skip
         name = type(self).__name__
         if not isinstance(sae, BatchTopKSAE):
             raise ValueError(f"{name}: sae must be a BatchTopKSAE (or MatryoshkaSAE), got {type(sae).__name__}")
@@ -160,29 +153,53 @@ class BatchTopKObjective:
         self.aux_coef = real_arg(name, "aux_coef", aux_coef)
         self.k_aux = max(1, sae.cfg.d_in // 2) if k_aux is None else int_arg(name, "k_aux", k_aux)
         self.threshold_lr = real_arg(name, "threshold_lr", threshold_lr, strict=True, maximum=1.0)
+        self.block_size = None if block_size is None else int_arg(name, "block_size", block_size)
         self.firing = FiringTracker(sae.cfg.d_sae, int_arg(name, "dead_tokens", dead_tokens))
 
-    def reconstruction(self, x: Tensor, acts: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """(loss, x_hat, logs) of the reconstruction; MatryoshkaObjective scores every prefix."""
-        x_hat = self.sae.decode_sparse(acts, idx)
+    def reconstruction(self, x: Tensor, acts: Tensor, idx: Tensor, n_main: int) -> tuple[Tensor, Tensor, Tensor | None, dict[str, float]]:
+        """(loss, x_hat, e_hat, logs): columns [:n_main] decode x_hat, the rest (AuxK's dead latents, if any) e_hat;
+        MatryoshkaObjective scores every prefix."""
+        spans = [(0, n_main)] + [(n_main, acts.shape[1])] * (acts.shape[1] > n_main)
+        decoded = span_decode(acts, idx, self.sae.W_dec, spans)  # x_hat and e_hat with one sparse backward
+        x_hat = decoded[0] + self.sae.b_dec
         loss = fvu(x_hat, x)
-        return loss, x_hat, {"fvu": loss.item()}
+        return loss, x_hat, decoded[1] if len(decoded) > 1 else None, {"fvu": loss.item()}
 
     def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         sae = self.sae
         x = check_input(type(self).__name__, x, sae.cfg.d_in, sae.W_enc.dtype)  # it skips forward: check here
-        acts, idx, pre = sae.encode_batch(x)
-        loss, x_hat, logs = self.reconstruction(x, acts, idx)
-        logs["l0"] = (acts > 0).sum(1).float().mean().item()
-        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=idx.device)
-        fired[idx[acts > 0]] = True
+        W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        with torch.no_grad():  # choose the entries; their values get gradients below, in one sparse call
+            xc = x - sae.b_dec
+            if self.block_size is None:
+                pre = torch.addmm(b_enc, xc, W_enc)
+                vals, idx, keep = batch_topk(pre, sae.cfg.k * len(x))
+            else:
+                dying = self.firing.dying(len(x)) if self.aux_coef > 0 else None
+                vals, idx, keep, cand_vals, cand_idx = blocked_batch_topk(xc, W_enc, b_enc, sae.cfg.k, self.block_size, dying,
+                                                                          2 * self.k_aux)  # fmt: skip
+            on = keep & (vals > 0)
+            fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=idx.device)
+            fired[idx[on]] = True
         dead = self.firing.update(fired, len(x))
+        n_main, n_aux = idx.shape[1], min(self.k_aux, int(dead.sum())) if self.aux_coef > 0 else 0
+        if n_aux:
+            with torch.no_grad():
+                if self.block_size is None:
+                    aux_vals, aux_idx = pre.masked_fill(~dead.to(pre.device), float("-inf")).topk(n_aux, dim=1)
+                else:
+                    aux_vals, aux_idx = dead_topk(xc, W_enc, b_enc, cand_vals, cand_idx, dead, n_aux, self.block_size)
+            vals, idx = torch.cat([vals, aux_vals], 1), torch.cat([idx, aux_idx], 1)
+            keep = torch.cat([keep, keep.new_ones(len(x), n_aux)], 1)
+        acts = torch.relu(chosen_pre(x, sae.b_dec, sae.W_enc, sae.b_enc, idx, vals)) * keep
+        loss, x_hat, e_hat, logs = self.reconstruction(x, acts, idx, n_main)
+        logs["l0"] = on.sum(1).float().mean().item()
         logs["dead_fraction"] = dead.float().mean().item()
-        if self.aux_coef > 0 and bool(dead.any()):
-            aux = auxk_loss(sae, x, x_hat, pre, dead, self.k_aux)
+        if e_hat is not None:
+            aux = fvu(e_hat, (x - x_hat).detach())  # AuxK (Gao et al.): the detached residual from the dead latents
             loss = loss + self.aux_coef * aux
             logs["aux_loss"] = aux.item()
-        sae.update_threshold_(acts, self.threshold_lr)
+        sae.update_threshold_(acts[:, :n_main], self.threshold_lr)
         logs["threshold"] = sae.threshold[0].item()
         logs["loss"] = loss.item()
         return loss, logs

@@ -17,8 +17,9 @@ and pre gets the gradient of pre H(pre - t) where the latent is on, none through
 so a log threshold moves multiplicatively and a small one barely moves in a short run (SAELens made the same change,
 SAELens#494); it is kept >= 0 after each step, so relu(pre) H(pre - t) = pre H(pre - t). Decoder rows are unit-norm
 as for TopK (so |W_dec_f| = 1 but for the gradient along the row, which the step removes). Training reads only the
-entries with a value or a gradient, pre > threshold - eps/2, as a padded [N, M] list, and decodes them as an
-embedding bag; a batch where more than a quarter of the entries qualify (at the start) goes through dense matmuls.
+entries with a value or a gradient, pre > threshold - eps/2, as a padded [N, M] list found tile by tile without the
+[N, F] matrix (blocked.blocked_above), and decodes them sparsely; a batch where more than a quarter of the entries
+qualify (at the start) goes through dense matmuls.
 
 Dimension key: N tokens, D input dim (d_in), F latents (d_sae), M latents read per token.
 """
@@ -32,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .._checks import choice_arg, int_arg, real_arg, sizes_arg
-from .base import FiringTracker, UnitNormSAE, check_input, fvu, gather_pre, sparse_decode
+from .base import FiringTracker, UnitNormSAE, check_input, chosen_pre, fvu, gather_pre, span_decode
+from .blocked import BLOCK_SIZE, blocked_above, pack_rows
 from .io import register_architecture
 
 SPARSITY_LOSSES = ("step", "tanh", "quadratic")
@@ -127,7 +129,6 @@ class TrainEncoding(NamedTuple):
     acts: Tensor  # [N, M] pre H(pre - threshold), 0 where off (and at padding)
     gate: Tensor | None  # [N, M] H(pre - threshold) with the STE to the threshold; None unless asked for
     idx: Tensor | None  # [N, M] which latent each column is; None: the dense [N, F] path
-    pre: Tensor  # [N, F] every pre-activation, no gradient
 
 
 class JumpReLUSAE(UnitNormSAE):
@@ -158,29 +159,38 @@ class JumpReLUSAE(UnitNormSAE):
         """Dense latents [..., F]."""
         return self(x).latents
 
-    def encode_train(self, x_ND: Tensor, gate: bool = False) -> TrainEncoding:
-        """The entries with a value or a gradient (pre > threshold - eps/2) with their straight-through gradients."""
+    def encode_train(self, x_ND: Tensor, gate: bool = False, block_size: int | None = BLOCK_SIZE) -> TrainEncoding:
+        """The entries with a value or a gradient (pre > threshold - eps/2) with their straight-through gradients,
+        found tile by tile (blocked.blocked_above) with block_size, else from the dense [N, F] pre (the reference);
+        a batch where more than a quarter of the entries qualify (at the start) goes through dense matmuls."""
         t, eps = self.threshold, self.cfg.bandwidth
-        pre_grad = self.pre_acts(x_ND)  # its graph holds no [N, F] tensor: free when the sparse path drops it
-        pre = pre_grad.detach()
-        with torch.no_grad():
-            near = pre > t - eps / 2
-            counts = near.sum(1)
-        if 4 * int(counts.sum()) > near.numel():  # dense regime (early training): matmuls beat gathers
-            vals, idx, theta, valid = pre_grad, None, t, None
+        found = None
+        if block_size is not None:
+            found = blocked_above((x_ND - self.b_dec).detach(), self.W_enc.detach(), self.b_enc.detach(), (t - eps / 2).detach(), block_size)
+        if found is not None:
+            vals, idx, valid = found
+            vals = chosen_pre(x_ND, self.b_dec, self.W_enc, self.b_enc, idx, vals)
         else:
-            idx, valid = _padded_columns(near, counts)
-            vals = gather_pre(x_ND - self.b_dec, self.W_enc, self.b_enc, idx, pre) if torch.is_grad_enabled() else pre.gather(1, idx)
-            theta = t[idx]
+            pre_grad = self.pre_acts(x_ND)  # its graph holds no [N, F] tensor: free when the sparse path drops it
+            pre = pre_grad.detach()
+            with torch.no_grad():
+                near = pre > t - eps / 2
+            if 4 * int(near.count_nonzero()) > near.numel():  # dense regime: matmuls beat gathers
+                vals, idx, valid = pre_grad, None, None
+            else:
+                rows, cols = near.nonzero(as_tuple=True)
+                _, idx, valid = pack_rows(rows, cols, pre[rows, cols], len(pre))
+                vals = gather_pre(x_ND - self.b_dec, self.W_enc, self.b_enc, idx, pre) if torch.is_grad_enabled() else pre.gather(1, idx)
+        theta = t if idx is None else t[idx]
         acts = _JumpReLU.apply(vals, theta, eps)
         gates = _Step.apply(vals, theta, eps) if gate else None
         if valid is not None:  # padding: no value, and the zero factor stops its gradients
             acts = acts * valid
             gates = gates * valid if gates is not None else None
-        return TrainEncoding(acts, gates, idx, pre)
+        return TrainEncoding(acts, gates, idx)
 
     def decode_train(self, acts: Tensor, idx: Tensor | None) -> Tensor:
-        return (acts @ self.W_dec if idx is None else sparse_decode(acts, idx, self.W_dec)) + self.b_dec
+        return (acts @ self.W_dec if idx is None else span_decode(acts, idx, self.W_dec, [(0, idx.shape[1])])[0]) + self.b_dec
 
     def after_step_(self) -> None:
         super().after_step_()
@@ -189,18 +199,6 @@ class JumpReLUSAE(UnitNormSAE):
 
     def default_objective(self) -> JumpReLUObjective:
         return JumpReLUObjective(self)
-
-
-def _padded_columns(mask_NF: Tensor, counts_N: Tensor) -> tuple[Tensor, Tensor]:
-    """(idx [N, M], valid [N, M]): each row's True columns in order, padded with column 0 (valid False)."""
-    rows, cols = mask_NF.nonzero(as_tuple=True)  # row-major: rows ascending
-    N, M = mask_NF.shape[0], max(int(counts_N.max()), 1) if len(counts_N) else 1
-    pos = torch.arange(len(rows), device=rows.device) - (counts_N.cumsum(0) - counts_N)[rows]
-    idx = torch.zeros(N, M, dtype=torch.long, device=mask_NF.device)
-    idx[rows, pos] = cols
-    valid = torch.zeros(N, M, dtype=torch.bool, device=mask_NF.device)
-    valid[rows, pos] = True
-    return idx, valid
 
 
 def sparsity_penalty(cfg: JumpReLUConfig, acts: Tensor, gates: Tensor | None, dec_norms: Tensor) -> Tensor:
@@ -216,20 +214,25 @@ def sparsity_penalty(cfg: JumpReLUConfig, acts: Tensor, gates: Tensor | None, de
 class JumpReLUObjective:
     """FVU + the config's sparsity penalty, + pre_act_coef * the pre-activation loss on dead latents (SAELens's
     `calculate_pre_act_loss`, after Anthropic: mean over tokens of sum_dead relu(threshold - pre) |W_dec|, which
-    pulls a dead latent's pre-activation up to its threshold); tracks dead latents like TopK."""
+    pulls a dead latent's pre-activation up to its threshold); tracks dead latents like TopK.
 
-    def __init__(self, sae: JumpReLUSAE, pre_act_coef: float = 0.0, dead_tokens: int = 10_000_000):
+    block_size: latents per encoder tile (JumpReLUSAE.encode_train), or None for the dense path (the reference); a
+    compute setting, not in config_dict."""
+
+    def __init__(self, sae: JumpReLUSAE, pre_act_coef: float = 0.0, dead_tokens: int = 10_000_000,
+                 block_size: int | None = BLOCK_SIZE):  # fmt: skip
         if not isinstance(sae, JumpReLUSAE):
             raise ValueError(f"JumpReLUObjective: sae must be a JumpReLUSAE, got {type(sae).__name__}")
         self.sae = sae
         self.pre_act_coef = real_arg("JumpReLUObjective", "pre_act_coef", pre_act_coef)
+        self.block_size = None if block_size is None else int_arg("JumpReLUObjective", "block_size", block_size)
         self.firing = FiringTracker(sae.cfg.d_sae, int_arg("JumpReLUObjective", "dead_tokens", dead_tokens))
 
     def losses(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
         """The loss terms ({"fvu", "sparsity"} and "pre_act" when it applies) and the logs."""
         sae, cfg = self.sae, self.sae.cfg
         x = check_input(type(self).__name__, x, cfg.d_in, sae.W_enc.dtype)
-        enc = sae.encode_train(x, gate=cfg.sparsity_loss != "tanh")
+        enc = sae.encode_train(x, gate=cfg.sparsity_loss != "tanh", block_size=self.block_size)
         x_hat = sae.decode_train(enc.acts, enc.idx)
         norms = sae.W_dec.norm(dim=1)
         terms = {"fvu": fvu(x_hat, x), "sparsity": sparsity_penalty(cfg, enc.acts, enc.gate, norms if enc.idx is None else norms[enc.idx])}

@@ -25,6 +25,7 @@ from torch import Tensor
 from .._checks import is_int
 from .base import fvu, sparse_decode
 from .batchtopk import BatchTopKConfig, BatchTopKObjective, BatchTopKSAE, check_k
+from .blocked import BLOCK_SIZE
 from .io import register_architecture
 
 
@@ -64,21 +65,23 @@ class MatryoshkaObjective(BatchTopKObjective):
     """Mean over prefixes of FVU(x_hat_w, x) + aux_coef * AuxK, with the threshold's running estimate (as BatchTopK)."""
 
     def __init__(self, sae: MatryoshkaSAE, aux_coef: float = 1 / 32, k_aux: int | None = None,
-                 dead_tokens: int = 10_000_000, threshold_lr: float = 0.01):  # fmt: skip
+                 dead_tokens: int = 10_000_000, threshold_lr: float = 0.01, block_size: int | None = BLOCK_SIZE):  # fmt: skip
         if not isinstance(sae, MatryoshkaSAE):
             raise ValueError(f"MatryoshkaObjective: sae must be a MatryoshkaSAE, got {type(sae).__name__}")
-        super().__init__(sae, aux_coef, k_aux, dead_tokens, threshold_lr)
+        super().__init__(sae, aux_coef, k_aux, dead_tokens, threshold_lr, block_size)
 
-    def reconstruction(self, x: Tensor, acts: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, dict[str, float]]:
+    def reconstruction(self, x: Tensor, acts: Tensor, idx: Tensor, n_main: int) -> tuple[Tensor, Tensor, Tensor | None, dict[str, float]]:
         sae, lo = self.sae, 0
+        main_acts, main_idx = acts[:, :n_main], idx[:, :n_main]
         x_hat, losses, logs = sae.b_dec.expand_as(x), [], {}
         for hi in sae.cfg.matryoshka_widths:  # each prefix adds the decode of its own group of latents
-            x_hat = x_hat + sparse_decode(acts * ((idx >= lo) & (idx < hi)), idx, sae.W_dec)
+            x_hat = x_hat + sparse_decode(main_acts * ((main_idx >= lo) & (main_idx < hi)), main_idx, sae.W_dec)
             losses.append(fvu(x_hat, x))
             logs[f"fvu_{hi}"] = losses[-1].item()
             lo = hi
         logs["fvu"] = logs[f"fvu_{lo}"]
-        return torch.stack(losses).mean(), x_hat, logs
+        e_hat = sparse_decode(acts[:, n_main:], idx[:, n_main:], sae.W_dec) if acts.shape[1] > n_main else None
+        return torch.stack(losses).mean(), x_hat, e_hat, logs
 
 
 register_architecture("matryoshka_batchtopk", MatryoshkaSAE, MatryoshkaConfig)

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._checks import bool_arg, int_arg, real_arg, sizes_arg
 from .io import register_architecture
-from .base import (FiringTracker, UnitNormSAE, blocked_topk, check_input, chosen_pre, dead_topk, dense_from_sparse, fvu,
-                   gather_pre, remove_parallel_grad_lowmem_, span_decode, sparse_decode)
+from .base import (FiringTracker, UnitNormSAE, check_input, chosen_pre, dense_from_sparse, fvu, gather_pre,
+                   span_decode, sparse_decode)
+from .blocked import BLOCK_SIZE, blocked_topk, dead_topk
 
 
-BLOCK_SIZE = 32768  # TopKObjective's latents per encoder tile (d_sae 32768, 4096 tokens: 8 tiles of 512 tokens x all latents)
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,6 @@ class TopKSAE(UnitNormSAE):
     config_class = TopKConfig
     cfg: TopKConfig
 
-    def __init__(self, cfg: TopKConfig, seed: int | None = 0):
-        super().__init__(cfg, seed)
-        # row-major, as a loaded W_enc is: the tied init leaves the transpose of W_dec's layout, which fused Adam
-        # copies to contiguous and back on every step (~40 ms at d_sae 32768 on 2 CPU threads)
-        self.W_enc = nn.Parameter(self.W_enc.detach().contiguous())
-
     def encode_topk(self, x: Tensor, k: int | None = None, block_size: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """x [N, D] -> (acts [N, k], indices [N, k], pre_acts [N, F]); values sorted descending. With block_size, the
         pre-activations are computed that many latents at a time and never held whole: pre_acts is then None."""
@@ -100,9 +94,6 @@ class TopKSAE(UnitNormSAE):
 
     def decode_sparse(self, acts: Tensor, indices: Tensor) -> Tensor:
         return sparse_decode(acts, indices, self.W_dec) + self.b_dec
-
-    def before_step_(self) -> None:
-        remove_parallel_grad_lowmem_(self.W_dec)
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [..., F]."""
@@ -126,7 +117,7 @@ class TopKObjective:
     detached residual x - x_hat from the top `k_aux` dead latents (no b_dec: the residual has
     none), with the same FVU reduction as the main loss, so the two terms are on one scale.
 
-    block_size: latents per tile of the encoder (see base.blocked_topk: a tile holds 2^24 pre-activations, 64 MiB
+    block_size: latents per tile of the encoder (see blocked.blocked_topk: a tile holds 2^24 pre-activations, 64 MiB
     in float32, never the [N, F] matrix; the running top-k also keeps each token's top 2 k_aux among the latents
     that die unless they fire in this batch, so AuxK needs no second pass over W_enc), or None for the dense path
     that holds [N, F] (the reference). A compute setting, not a hyperparameter: the results agree to float
