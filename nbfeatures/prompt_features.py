@@ -203,7 +203,7 @@ def prompt_features(model: Any, site: str, dictionary: Any, prompt: str, k: int 
     tok = _tokenizer(model)
     ids = tok([prompt], return_tensors="pt")["input_ids"]
     kind, top_ids, top_values, features, acts = _features(model, site, dictionary, ids, k, usual)
-    return PromptFeatures([tok.decode([i]) for i in ids[0].tolist()], top_ids, top_values, features, acts, site, kind)
+    return PromptFeatures(sites.decode_each(tok, ids[0].tolist()), top_ids, top_values, features, acts, site, kind)
 
 
 def prompt_features_fn(model: Any, site: str, dictionary: Any, k: int = 8, *,

@@ -72,6 +72,21 @@ def tokenizer_of(model: Model) -> Any:
     return getattr(unwrap(model), "tokenizer", None) if isinstance(model, nnsight.Envoy) else None
 
 
+def decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token id decoded alone, keeping a word's leading space: SentencePiece tokenizers (Llama, Gemma, ...) strip
+    it from a decoded string ("▁the" alone decodes to "the", so a sentence's pieces would read "the" "cat" and a
+    subword "play" "ing" could not be told from two words); the raw piece's "▁" says the space was there."""
+    ids = [int(i) for i in ids]
+    pieces = tokenizer.convert_ids_to_tokens(ids) if hasattr(tokenizer, "convert_ids_to_tokens") else [None] * len(ids)
+    out = []
+    for i, piece in zip(ids, pieces):
+        text = tokenizer.decode([i])
+        if isinstance(piece, str) and piece.startswith("▁") and not text[:1].isspace():
+            text = " " + text
+        out.append(text)
+    return out
+
+
 # ----------------------------------------------------------------------------- site names
 
 

@@ -7,6 +7,7 @@ import torch
 from nbfeatures.sae import (BatchTopKConfig, BatchTopKSAE, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaSAE, load_sae,
                             save_sae)
 from nbfeatures.sae import blocked
+from nbfeatures.sae.matryoshka import group_columns
 from nbfeatures.train import TrainConfig, train_sae
 from nbfeatures import metrics
 from nbfeatures.evals import planted_directions
@@ -64,6 +65,17 @@ def test_objective_loss_and_every_gradient_match_the_dense_reference(aux, block,
     for name, g in grads(sae).items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(fast[name], g, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_group_columns_puts_each_nonzero_entry_in_its_prefix_groups_span():
+    acts = torch.tensor([[0.5, 0.0, 2.0, 1.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    idx = torch.tensor([[9, 1, 2, 4], [4, 0, 7, 3], [1, 2, 3, 4]])
+    grouped, grouped_idx, spans = group_columns(acts, idx, (4, 8, 12, 16))  # group 3 (12..15) holds nothing
+    assert spans == [(0, 1), (1, 2), (2, 3), (3, 3)]  # one column per group: no token has two entries in one
+    assert grouped_idx.tolist() == [[2, 4, 9], [0, 4, 0], [0, 0, 0]]
+    assert grouped.tolist() == [[2.0, 1.0, 0.5], [0.0, 3.0, 0.0], [0.0] * 3]
+    (grouped * torch.arange(1.0, 4.0)).sum().backward()  # each entry's gradient is its new column's weight
+    assert acts.grad.tolist() == [[3.0, 0.0, 1.0, 2.0], [2.0, 0.0, 0.0, 0.0], [0.0] * 4]
 
 
 def test_every_prefix_loss_falls_and_planted_directions_are_recovered():

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from nbfeatures.data.stories import story_tokenizer, vocabulary
 from nbfeatures.plots import display_tokens, is_special, looks_word_level, tokens_html
 from nbfeatures.plots.tokens import BOLD_STYLE, SPECIAL_STYLE, STEERED_STYLE
+from nbfeatures.sites import decode_each
 
 GLYPHS = {"·": " ", "→": "\t", "↵": "", "␍": "\r"}  # what a faint glyph stands for (a newline follows ↵ as itself)
 
@@ -155,6 +156,36 @@ def test_sentencepiece_pieces_and_byte_tokens():
     assert spans.read() == " Mia was happy\n She’s  here"
     assert [("nbf-special" in s["classes"]) for s in spans.spans] == [True] + [False] * 11 + [True]
     assert "nbf-ws" in spans.spans[10]["classes"] and spans.spans[10]["shown"] == "G"
+
+
+def llama_style_tokenizer():
+    """A SentencePiece-style BPE (Metaspace pieces, byte fallback, Llama's decoder that strips one leading space),
+    trained here on a few sentences, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # fmt: skip
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz"))  # fmt: skip
+    tok.train_from_iterator(["Mia was playing by the sea, and the boat was playing too."] * 8, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_tokens_decoded_one_at_a_time_keep_their_spaces():
+    tok = llama_style_tokenizer()
+    text = "Mia was playing by the sea"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    assert any(p.startswith("▁") for p in pieces) and any(not p.startswith("▁") for p in pieces)  # words and subwords
+    alone = [tok.decode([i]) for i in ids]
+    assert not any(t.startswith(" ") for t in alone)  # what decoding alone gives: every space lost
+    each = decode_each(tok, ids)
+    assert [t.startswith(" ") for t in each] == [p.startswith("▁") for p in pieces]
+    assert "".join(display_tokens(each)) == " " + text == Spans(tokens_html(each)).read()
+    vocab = decode_each(tok, range(len(tok)))  # what token_strings gives a panel
+    assert not looks_word_level(vocab) and vocab[tok.convert_tokens_to_ids("▁the")] == " the"
 
 
 @pytest.mark.parametrize("piece", ["<bos>", "<|endoftext|>", "<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "[CLS]"])

@@ -162,7 +162,9 @@ class _SpanDecode(torch.autograd.Function):
         ctx.save_for_backward(acts_NK, idx_NK, W_dec_FD)
         ctx.spans = spans
         w_NK = acts_NK.to(W_dec_FD.dtype)
-        return tuple(F.embedding_bag(idx_NK[:, a:b], W_dec_FD, per_sample_weights=w_NK[:, a:b], mode="sum") for a, b in spans)
+        N, D = idx_NK.shape[0], W_dec_FD.shape[1]
+        return tuple(F.embedding_bag(idx_NK[:, a:b], W_dec_FD, per_sample_weights=w_NK[:, a:b], mode="sum") if b > a
+                     else W_dec_FD.new_zeros(N, D) for a, b in spans)  # fmt: skip
 
     @staticmethod
     def backward(ctx, *g_SND: Tensor):

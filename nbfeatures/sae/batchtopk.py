@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._checks import int_arg, is_int, real_arg, sizes_arg
 from .base import FiringTracker, UnitNormSAE, check_input, chosen_pre, fvu, gather_pre, span_decode, sparse_decode
-from .blocked import BLOCK_SIZE, batch_select, blocked_batch_topk, dead_topk
+from .blocked import BLOCK_SIZE, auxk_choice, batch_select, blocked_batch_topk
 from .io import register_architecture
 from .jumprelu import JumpReLUOutput, jumprelu
 
@@ -171,6 +171,7 @@ class BatchTopKObjective:
         W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
         with torch.no_grad():  # choose the entries; their values get gradients below, in one sparse call
             xc = x - sae.b_dec
+            pre = cand_vals = cand_idx = None
             if self.block_size is None:
                 pre = torch.addmm(b_enc, xc, W_enc)
                 vals, idx, keep = batch_topk(pre, sae.cfg.k * len(x))
@@ -184,11 +185,7 @@ class BatchTopKObjective:
         dead = self.firing.update(fired, len(x))
         n_main, n_aux = idx.shape[1], min(self.k_aux, int(dead.sum())) if self.aux_coef > 0 else 0
         if n_aux:
-            with torch.no_grad():
-                if self.block_size is None:
-                    aux_vals, aux_idx = pre.masked_fill(~dead.to(pre.device), float("-inf")).topk(n_aux, dim=1)
-                else:
-                    aux_vals, aux_idx = dead_topk(xc, W_enc, b_enc, cand_vals, cand_idx, dead, n_aux, self.block_size)
+            aux_vals, aux_idx = auxk_choice(dead, n_aux, pre, xc, W_enc, b_enc, cand_vals, cand_idx, self.block_size)
             vals, idx = torch.cat([vals, aux_vals], 1), torch.cat([idx, aux_idx], 1)
             keep = torch.cat([keep, keep.new_ones(len(x), n_aux)], 1)
         acts = torch.relu(chosen_pre(x, sae.b_dec, sae.W_enc, sae.b_enc, idx, vals)) * keep

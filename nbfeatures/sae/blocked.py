@@ -131,6 +131,16 @@ def dead_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, cand_vals: Tensor
 
 
 @torch.no_grad()
+def auxk_choice(dead_F: Tensor, k_aux: int, pre_NF: Tensor | None, x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor,
+                cand_vals: Tensor | None, cand_idx: Tensor | None, block_size: int | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """AuxK's top k_aux dead latents per token (vals, idx): from the dense pre_NF when there is one (the reference
+    paths), else dead_topk from a blocked pass's candidates."""
+    if pre_NF is not None:
+        return pre_NF.masked_fill(~dead_F.to(pre_NF.device), float("-inf")).topk(k_aux, dim=1)
+    return dead_topk(x_ND, W_enc_DF, b_enc_F, cand_vals, cand_idx, dead_F, k_aux, block_size)
+
+
+@torch.no_grad()
 def batch_select(vals_NM: Tensor, idx_NM: Tensor, n_latents: int, n_keep: int, widen) -> tuple[Tensor, Tensor, Tensor]:
     """The n_keep largest values of relu(pre) over a whole batch, from each token's top m candidates (vals, idx; m <
     n_latents, or every latent): (vals, idx, keep) [N, M], each token's kept entries first, M the most any token keeps.

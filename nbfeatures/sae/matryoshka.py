@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._checks import is_int
-from .base import fvu, sparse_decode
+from .base import fvu, span_decode
 from .batchtopk import BatchTopKConfig, BatchTopKObjective, BatchTopKSAE, check_k
 from .blocked import BLOCK_SIZE
 from .io import register_architecture
@@ -71,17 +71,40 @@ class MatryoshkaObjective(BatchTopKObjective):
         super().__init__(sae, aux_coef, k_aux, dead_tokens, threshold_lr, block_size)
 
     def reconstruction(self, x: Tensor, acts: Tensor, idx: Tensor, n_main: int) -> tuple[Tensor, Tensor, Tensor | None, dict[str, float]]:
-        sae, lo = self.sae, 0
-        main_acts, main_idx = acts[:, :n_main], idx[:, :n_main]
+        sae, widths = self.sae, self.sae.cfg.matryoshka_widths
+        grouped, grouped_idx, spans = group_columns(acts[:, :n_main], idx[:, :n_main], widths)
+        if acts.shape[1] > n_main:  # AuxK's columns: one more span
+            spans.append((grouped.shape[1], grouped.shape[1] + acts.shape[1] - n_main))
+            grouped, grouped_idx = torch.cat([grouped, acts[:, n_main:]], 1), torch.cat([grouped_idx, idx[:, n_main:]], 1)
+        decoded = span_decode(grouped, grouped_idx, sae.W_dec, spans)  # every group and e_hat: one sparse backward
         x_hat, losses, logs = sae.b_dec.expand_as(x), [], {}
-        for hi in sae.cfg.matryoshka_widths:  # each prefix adds the decode of its own group of latents
-            x_hat = x_hat + sparse_decode(main_acts * ((main_idx >= lo) & (main_idx < hi)), main_idx, sae.W_dec)
+        for hi, part in zip(widths, decoded):  # each prefix adds the decode of its own group of latents
+            x_hat = x_hat + part
             losses.append(fvu(x_hat, x))
             logs[f"fvu_{hi}"] = losses[-1].item()
-            lo = hi
-        logs["fvu"] = logs[f"fvu_{lo}"]
-        e_hat = sparse_decode(acts[:, n_main:], idx[:, n_main:], sae.W_dec) if acts.shape[1] > n_main else None
-        return torch.stack(losses).mean(), x_hat, e_hat, logs
+        logs["fvu"] = logs[f"fvu_{widths[-1]}"]
+        return torch.stack(losses).mean(), x_hat, decoded[len(widths)] if len(decoded) > len(widths) else None, logs
+
+
+def group_columns(acts_NM: Tensor, idx_NM: Tensor, widths: Sequence[int]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Each token's nonzero entries regrouped by prefix group (latents [w_{g-1}, w_g)): (acts, idx) [N, sum_g M_g] and
+    the column span of each group, M_g the most entries any token has in group g (padding: value 0, latent 0). acts
+    keeps its gradient (a scatter); entries worth 0 are dropped (relu or the batch choice already stopped theirs)."""
+    N, G = len(acts_NM), len(widths)
+    group = torch.bucketize(idx_NM, torch.tensor(widths[:-1], device=idx_NM.device), right=True)
+    group = group.masked_fill(acts_NM.detach() == 0, G)  # dropped: a group of its own, after the others
+    order = group.argsort(dim=1, stable=True)
+    group = group.gather(1, order)
+    counts = torch.zeros(N, G + 1, dtype=torch.long, device=idx_NM.device).scatter_add_(1, group, torch.ones_like(group))
+    widths_G = counts[:, :G].amax(0).tolist()
+    offsets = torch.tensor([0] + widths_G, device=idx_NM.device).cumsum(0)  # group g's first column
+    rank = torch.arange(group.shape[1], device=idx_NM.device) - (counts.cumsum(1) - counts).gather(1, group)
+    col = (offsets[group] + rank).masked_fill(group == G, int(offsets[-1]))  # dropped entries: one spare column
+    total = int(offsets[-1]) + 1
+    acts = acts_NM.new_zeros(N, total).scatter(1, col, acts_NM.gather(1, order))
+    idx = idx_NM.new_zeros(N, total).scatter(1, col, idx_NM.gather(1, order).masked_fill(group == G, 0))
+    spans = [(int(offsets[g]), int(offsets[g + 1])) for g in range(G)]
+    return acts[:, :-1], idx[:, :-1], spans
 
 
 register_architecture("matryoshka_batchtopk", MatryoshkaSAE, MatryoshkaConfig)

@@ -28,7 +28,7 @@ from .._checks import bool_arg, int_arg, real_arg, sizes_arg
 from .io import register_architecture
 from .base import (FiringTracker, UnitNormSAE, check_input, chosen_pre, dense_from_sparse, fvu, gather_pre,
                    span_decode, sparse_decode)
-from .blocked import BLOCK_SIZE, blocked_topk, dead_topk
+from .blocked import BLOCK_SIZE, auxk_choice, blocked_topk
 
 
 
@@ -144,6 +144,7 @@ class TopKObjective:
         W_enc, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
         with torch.no_grad():  # choose the latents; their values get gradients below, in one sparse call
             xc = x - sae.b_dec
+            pre = cand_vals = cand_idx = None
             if self.block_size is None:
                 pre = torch.addmm(b_enc, xc, W_enc)
                 vals, idx = pre.topk(k_all, dim=1)
@@ -155,11 +156,7 @@ class TopKObjective:
         dead = self.firing.update(fired, x.shape[0])
         n_aux = min(self.k_aux, int(dead.sum())) if self.aux_coef > 0 else 0
         if n_aux:
-            with torch.no_grad():
-                if self.block_size is None:
-                    aux_vals, aux_idx = pre.masked_fill(~dead.to(pre.device), float("-inf")).topk(n_aux, dim=1)
-                else:
-                    aux_vals, aux_idx = dead_topk(xc, W_enc, b_enc, cand_vals, cand_idx, dead, n_aux, self.block_size)
+            aux_vals, aux_idx = auxk_choice(dead, n_aux, pre, xc, W_enc, b_enc, cand_vals, cand_idx, self.block_size)
             vals, idx = torch.cat([vals, aux_vals], 1), torch.cat([idx, aux_idx], 1)
         acts_all = torch.relu(chosen_pre(x, sae.b_dec, sae.W_enc, sae.b_enc, idx, vals))
         spans = [(0, k)] + [(0, k_all)] * self.multi_topk + [(k_all, k_all + n_aux)] * (n_aux > 0)
