@@ -91,7 +91,7 @@ def group_columns(acts_NM: Tensor, idx_NM: Tensor, widths: Sequence[int]) -> tup
     the column span of each group, M_g the most entries any token has in group g (padding: value 0, latent 0). acts
     keeps its gradient (a scatter); entries worth 0 are dropped (relu or the batch choice already stopped theirs)."""
     N, G = len(acts_NM), len(widths)
-    group = torch.bucketize(idx_NM, torch.tensor(widths[:-1], device=idx_NM.device), right=True)
+    group = torch.bucketize(idx_NM.contiguous(), torch.tensor(widths[:-1], device=idx_NM.device), right=True)
     group = group.masked_fill(acts_NM.detach() == 0, G)  # dropped: a group of its own, after the others
     order = group.argsort(dim=1, stable=True)
     group = group.gather(1, order)
