@@ -324,6 +324,41 @@ def test_rebalancing_draws_sites_by_softmax_of_their_shortfall(gpt2):
         RebalanceConfig(rebalance=6.0)
 
 
+def test_a_focus_site_gets_its_share_of_the_pairs_on_top_of_the_rebalancing(gpt2):
+    src = PairSource(gpt2, [SITE, "blocks.0.hook_attn_out", "blocks.1.hook_resid_post"], inputs)
+    cfg = decoder_train_config(steps=2, batch_size=8, lr=1e-3, warmup_steps=1)
+    seen = []
+
+    class Spy:
+        sites, model = src.sites, src.model
+
+        def batch(self, n, seed, **kw):
+            seen.append(kw.get("site_weights"))
+            return src.batch(n, seed, **kw)
+
+        def pairs(self, *a, **kw):
+            return src.pairs(*a, **kw)
+
+    focus = "blocks.1.hook_resid_post"
+    for rb in (RebalanceConfig(focus=focus, focus_share=0.5), RebalanceConfig(6.0, eval_every=1, eval_queries=2, eval_samples=2, focus=focus, focus_share=0.5)):
+        seen.clear()
+        torch.manual_seed(0)
+        history = train_decoder(InversionDecoder(tiny_config(sites=tuple(src.sites))), Spy(), cfg, rb, progress=False)
+        w = seen[-1]
+        assert abs(float(w.sum()) - 1) < 1e-5 and float(w[2]) >= 0.5
+        if rb.rebalance:  # the rebalanced part is the softmax of the shortfall, scaled by 1 - share
+            r = torch.tensor(list([h for h in history if "inside" in h][-1]["inside"].values()))
+            assert torch.allclose(w, 0.5 * ((r.mean() - r) * 6.0).softmax(0) + torch.tensor([0, 0, 0.5]), atol=1e-5)
+        else:
+            assert torch.allclose(w, torch.tensor([1 / 6, 1 / 6, 2 / 3]))
+    with pytest.raises(ValueError, match="focus .a site name. and focus_share"):
+        RebalanceConfig(focus=focus)
+    with pytest.raises(ValueError, match="focus_share must be >= 0 and <= 1"):
+        RebalanceConfig(focus=focus, focus_share=1.5)
+    with pytest.raises(ValueError, match="focus site 'blocks.9.hook_mlp_out' is not one of the decoder's sites"):
+        train_decoder(InversionDecoder(tiny_config(sites=tuple(src.sites))), src, cfg, RebalanceConfig(focus="blocks.9.hook_mlp_out", focus_share=0.5), progress=False)
+
+
 def test_inside_fractions_is_the_in_epsilon_rate_of_fresh_samples(gpt2, trained):
     src = PairSource(gpt2, [SITE], inputs)
     cond, uncond = trained

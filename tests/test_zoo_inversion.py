@@ -51,6 +51,34 @@ def test_train_script_warm_starts_rebalances_and_records_it(tmp_path):
     assert "--rebalance 6" in card["command"] and load_decoder(out).cfg == load_decoder(zoo.path("counting") / "inversion").cfg
 
 
+def test_train_script_device_flag_reaches_the_training_and_the_card(tmp_path, monkeypatch):
+    import nbfeatures.recipes.train_inversion as recipe
+    from nbfeatures.sites import unwrap
+
+    seen = {}
+
+    def spy(decoder, source, cfg, rebalance, **kw):
+        seen.update(decoder=decoder.act_scale_S.device, model=next(unwrap(source.model).parameters()).device, focus=rebalance.focus)
+        return real(decoder, source, cfg, rebalance, **kw)
+
+    real = recipe.train_decoder
+    monkeypatch.setattr(recipe, "train_decoder", spy)
+    out = tmp_path / "dec"
+    main(["counting", "--init", str(zoo.path("counting") / "inversion"), "--steps", "2", "--batch-size", "4", "--device", "cpu",
+          "--focus", "blocks.1.hook_attn_out", "--focus-share", "0.5", "--out", str(out), "--no-progress"])  # fmt: skip
+    card = zoo.card(out)
+    assert seen == {"decoder": torch.device("cpu"), "model": torch.device("cpu"), "focus": "blocks.1.hook_attn_out"}
+    assert card["hardware"]["device"] == "cpu" and "--device cpu" in card["command"] and card["rebalance"]["focus_share"] == 0.5
+    assert all(t.device.type == "cpu" for t in load_decoder(out).state_dict().values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_train_script_without_cuda_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["counting", "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert "--device cuda: this machine has no CUDA device" in capsys.readouterr().err
+
+
 def test_train_script_fits_the_tokfsm_codebook_then_trains(tmp_path):
     out = tmp_path / "dec"
     shutil.copytree(zoo.path("tokfsm") / "inversion" / "codebook", out / "codebook")  # fitting it again takes ~10 s

@@ -87,7 +87,8 @@ def default_sites(model: S.Model) -> list[str]:
 
 
 def read_sites(model: S.Model, ids_BT: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
-    """Activations [B, T, D] at each site (head sites sliced out of hook_z) from one forward pass."""
+    """Activations [B, T, D] at each site (head sites sliced out of hook_z) from one forward pass, on the ids' device
+    (the probed model may run elsewhere)."""
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise TypeError(f"names must be a list of site names (str), got {names!r}")
     base = {n: split_site(n) for n in names}
@@ -97,7 +98,8 @@ def read_sites(model: S.Model, ids_BT: Tensor, names: Sequence[str]) -> dict[str
             raise ValueError(f"site {name!r}: head {head} does not exist; the model has {resolved.heads or 0} heads")
     with torch.no_grad():
         acts = S.read_acts(model, ids_BT, sorted({s for s, _ in base.values()}))
-    return {n: (acts[s][:, :, h] if h is not None else acts[s]).float() for n, (s, h) in base.items()}
+    home = ids_BT.device if isinstance(ids_BT, Tensor) else torch.device("cpu")
+    return {n: (acts[s][:, :, h] if h is not None else acts[s]).float().to(home) for n, (s, h) in base.items()}
 
 
 def site_widths(model: S.Model, sites: Sequence, bos_id: int) -> dict[str, int]:

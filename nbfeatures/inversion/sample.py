@@ -105,21 +105,24 @@ def generate(decoder: InversionDecoder, z_D: Tensor, site: str, n: int, temperat
 
 
 def _generate(decoder: InversionDecoder, z_BD: Tensor, site_B: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """One input per row of z_BD (any width up to d_act), each conditioned on its own (z, site)."""
-    cfg, n = decoder.cfg, len(z_BD)
-    z_BD = decoder.pad(z_BD)
+    """One input per row of z_BD (any width up to d_act), each conditioned on its own (z, site).
+
+    Tokens are drawn on the CPU with `generator` wherever the decoder runs, so a seed gives the same draws on any
+    device (up to the logits' rounding); the ids come back on z's device."""
+    cfg, n, device = decoder.cfg, len(z_BD), decoder.act_scale_S.device
+    home, z_BD, site_B = z_BD.device, decoder.pad(z_BD).to(device), site_B.to(device)
     pad = cfg.eos_id if cfg.eos_id is not None else cfg.bos_id
     ids = torch.full((n, 1), cfg.bos_id, dtype=torch.long)
     done = torch.zeros(n, dtype=torch.bool)
     for _ in range(cfg.n_ctx - 1):
-        probs = (decoder(ids, z_BD, site_B)[:, -1] / temperature).softmax(-1)
+        probs = (decoder(ids.to(device), z_BD, site_B)[:, -1].float().cpu() / temperature).softmax(-1)
         nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].masked_fill(done, pad)
         ids = torch.cat([ids, nxt[:, None]], 1)
         if cfg.eos_id is not None:
             done |= nxt == cfg.eos_id
             if bool(done.all()):
                 break
-    return ids
+    return ids.to(home)
 
 
 def _check_z(z: Tensor) -> Tensor:
@@ -144,9 +147,11 @@ def token_logprobs(decoder: InversionDecoder, ids_BT: Tensor, z_D: Tensor, site:
         raise ValueError(f"ids must lie in 0..{cfg.vocab_size - 1} with at most n_ctx={cfg.n_ctx} positions; got "
                          f"{int(ids_BT.min())}..{int(ids_BT.max())} over {ids_BT.shape[1]} positions")  # fmt: skip
     _check_z(z_D)
-    site_B = torch.full((len(ids_BT),), decoder.site_index(site), dtype=torch.long)
-    logp = decoder(ids_BT, decoder.pad(z_D.reshape(1, -1)).expand(len(ids_BT), -1), site_B).log_softmax(-1)
-    return F.pad(logp[:, :-1].gather(-1, ids_BT[:, 1:, None])[..., 0], (1, 0))
+    device = decoder.act_scale_S.device  # computed where the decoder is, returned where the ids are
+    site_B = torch.full((len(ids_BT),), decoder.site_index(site), dtype=torch.long, device=device)
+    ids = ids_BT.to(device)
+    logp = decoder(ids, decoder.pad(z_D.reshape(1, -1).to(device)).expand(len(ids), -1), site_B).log_softmax(-1)
+    return F.pad(logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0], (1, 0)).to(ids_BT.device)
 
 
 def sample(decoder: InversionDecoder, model: S.Model, site: str | FeatureSite, *, query: Tensor | None = None,

@@ -43,12 +43,13 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Na
     return args
 
 
-def run_info(threads: int) -> dict:
-    """hardware (CPU, thread count), library versions and the creation time, for a card."""
+def run_info(threads: int, device: str = "cpu") -> dict:
+    """hardware (device, CPU, thread count; the GPU's name on CUDA), library versions and the creation time, for a card."""
     import transformers
 
+    gpu = {"gpu": torch.cuda.get_device_name(torch.device(device))} if torch.device(device).type == "cuda" else {}
     return {
-        "hardware": {"device": "cpu", "processor": platform.processor() or platform.machine(),
+        "hardware": {"device": str(device), **gpu, "processor": platform.processor() or platform.machine(),
                      "cpu_count": os.cpu_count(), "torch_threads": threads},  # fmt: skip
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -71,6 +72,6 @@ def loss_curve(history: Sequence[dict], key: str = "smooth_loss", every: int = 4
 
 def write_card(folder: Path, args: argparse.Namespace, wall_s: float, **card: Any) -> dict:
     """card.json in `folder`: the given fields, then wall time, machine, versions, and the command as run."""
-    card = {**card, "wall_time_s": round(wall_s, 1), **run_info(args.threads), "command": args.command}
+    card = {**card, "wall_time_s": round(wall_s, 1), **run_info(args.threads, getattr(args, "device", "cpu")), "command": args.command}
     save_json(Path(folder) / "card.json", card)
     return card

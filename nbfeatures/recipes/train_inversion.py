@@ -2,12 +2,22 @@
 
     python -m nbfeatures.recipes.train_inversion counting            # -> nbfeatures/zoo/counting/inversion/
     python -m nbfeatures.recipes.train_inversion tokfsm --steps 5 --out /tmp/d
+    python -m nbfeatures.recipes.train_inversion counting --init nbfeatures/zoo/counting/inversion --device cuda --out /tmp/d
+
+`--device cuda` puts the decoder and the probed model on the GPU (pairs are drawn and measured on the CPU, so a seed
+gives the same data on any device); the weights are saved from the CPU and the card's hardware names the device.
+benchmarks/gpu_inversion.sh holds the GPU session's commands (the same commands run on a CPU without the flag).
 
 Recipes: which sites, which inputs, which query positions, the decoder's shape and the step budget.
   counting: every default site (residual stream, attention / MLP outputs, the head), queries at the target
             letter and at ':' (the reference's choice), inputs of the counting task. The shipped decoder is two runs:
             the recipe's 16000 steps, then `--init <it> --steps 14000 --batch-size 256 --lr 5e-4 --rebalance 6
             --eval-every 500 --eval-queries 32 --threads 2` (each card keeps the one before it under "warm_start").
+            Measured on CPU for 614k more pairs each (benchmarks/inversion_in_eps.py: 60 held-out queries at ':',
+            T = 1; 39.0% +- 2.9% in epsilon at blocks.1.hook_attn_out before): the same recipe 39.9%, batch 1024 at
+            lr 1e-3 39.2%, `--focus blocks.1.hook_attn_out --focus-share 0.5` (half of the pairs there) 43.7%, but
+            blocks.0.hook_attn_out fell from 47.2% to 43.9% with it: quality moved between sites, none was added, so
+            the shipped decoder stays the two-run one.
   tokfsm:   the residual stream before layer 0 and after every layer, any position after BOS, trajectories
             cut to BOS + 12 states (25 tokens), to keep a CPU run short; plus one feature site: a k = 1 codebook
             of k-means codes on the last residual stream (fitted first, saved in <out>/codebook), one code at a time.
@@ -65,9 +75,10 @@ def tokfsm_codebook(model, folder: Path):
         return load_codebook_layer(path)
     r = TOKFSM_CODEBOOK
     acts = harvest(model, TokFSM().sample(r["n_walks"], seed=11)[:, :TOKFSM_LEN], TOKFSM_FEATURE_SITE, batch_size=256, progress=False)
-    layer = CodebookLayer(CodebookConfig(acts[TOKFSM_FEATURE_SITE].shape[1], r["n_codes"], r["k"]), seed=r["seed"])
+    acts = acts[TOKFSM_FEATURE_SITE].cpu()  # the codebook lives on the CPU, with the pairs, whatever device the model is on
+    layer = CodebookLayer(CodebookConfig(acts.shape[1], r["n_codes"], r["k"]), seed=r["seed"])
     with torch.no_grad():
-        layer.init_kmeans_(acts[TOKFSM_FEATURE_SITE], iters=r["kmeans_iters"], seed=r["seed"])
+        layer.init_kmeans_(acts, iters=r["kmeans_iters"], seed=r["seed"])
     save_codebook_layer(layer, path, site=TOKFSM_FEATURE_SITE, model="tokfsm", recipe=r)
     return layer.eval()
 
@@ -93,21 +104,23 @@ RECIPES = {
 }
 
 
-def build(name: str, model_path: str | Path | None = None, cfg: TrainConfig | None = None, folder: Path | None = None):
+def build(name: str, model_path: str | Path | None = None, cfg: TrainConfig | None = None, folder: Path | None = None,
+          device: str | torch.device = "cpu"):  # fmt: skip
     """(decoder, pair source, train config) for recipe `name` on the zoo model (or the folder `model_path`).
 
-    `folder` is where the decoder lives (default: the zoo's); a recipe keeps what its feature sites need there."""
+    `folder` is where the decoder lives (default: the zoo's); a recipe keeps what its feature sites need there.
+    The decoder and the probed model sit on `device`; pairs are made there and come back to the CPU as batches."""
     if name not in RECIPES:
         raise ValueError(f"unknown decoder recipe {name!r}; available: {sorted(RECIPES)}")
     r = RECIPES[name]
-    model = load_model(model_path or name)
+    model = load_model(model_path or name, device=device)
     sites = r.sites(model, Path(folder) if folder is not None else ZOO_DIR / name / "inversion")
     widths = site_widths(model, sites, r.bos_id)
     vocab = model._module.config.vocab_size
     dcfg = DecoderConfig(vocab_size=vocab, n_ctx=r.n_ctx, sites=tuple(site_name(s) for s in sites), d_act=max(widths.values()), bos_id=r.bos_id,
                          eos_id=r.eos_id, **r.decoder)  # fmt: skip
     source = PairSource(model, sites, r.inputs, r.query_mask, r.eos_id)
-    return InversionDecoder(dcfg), source, cfg or r.train
+    return InversionDecoder(dcfg).to(device), source, cfg or r.train
 
 
 def main(argv=None):
@@ -121,16 +134,26 @@ def main(argv=None):
     p.add_argument("--rebalance", type=float, default=None, help="site rebalancing strength (0: uniform sites)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between in-epsilon measurements")
     p.add_argument("--eval-queries", type=int, default=None, help="held-out queries per site in each measurement")
+    p.add_argument("--focus", default=None, help="a site that gets --focus-share of the pairs whatever the rebalancing says")
+    p.add_argument("--focus-share", type=float, default=None)
+    p.add_argument("--device", default="cpu", help="where the decoder and the probed model run: cpu (default), cuda, cuda:1 ...")
     args = parse(p, argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu")
     out = args.out or ZOO_DIR / args.name / "inversion"
     r = RECIPES[args.name]
     changes = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
     cfg = dataclasses.replace(r.train, **{k: v for k, v in changes.items() if v is not None})
     cfg = dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, cfg.steps), checkpoint_every=min(200, cfg.steps),
                               checkpoint_dir=str(args.checkpoint or out.with_name(out.name + ".ckpt")))  # fmt: skip
-    changes = {"rebalance": args.rebalance, "eval_every": args.eval_every, "eval_queries": args.eval_queries}
+    changes = {"rebalance": args.rebalance, "eval_every": args.eval_every, "eval_queries": args.eval_queries, "focus": args.focus,
+               "focus_share": args.focus_share}  # fmt: skip
     rebalance = dataclasses.replace(r.rebalance, **{k: v for k, v in changes.items() if v is not None})
-    decoder, source, cfg = build(args.name, args.model, cfg, folder=out)
+    decoder, source, cfg = build(args.name, args.model, cfg, folder=out, device=device)
     init_card = None
     if args.init is not None:
         init = load_decoder(args.init)
@@ -141,6 +164,7 @@ def main(argv=None):
     start = time.perf_counter()
     history = train_decoder(decoder, source, cfg, rebalance, progress=not args.no_progress)
     wall_s = time.perf_counter() - start
+    decoder.cpu()  # the weights are saved from the CPU whatever device trained them
     with atomic_folder(out, keep=("codebook",)) as tmp:
         save_decoder(decoder, tmp)
         written = write_card(tmp, args, wall_s, probed_model=args.name, train_config=dataclasses.asdict(cfg),
