@@ -1,6 +1,5 @@
 """The shipped InversionView decoders and their training script (nbfeatures.recipes.train_inversion)."""
 
-import json
 import shutil
 
 import pytest
