@@ -4,6 +4,8 @@ pre-activation losses, files both ways, planted directions recovered; and, for t
 BatchTopK, Matryoshka: each a JumpReLU at inference), a splice into a shipped model against a raw torch hook,
 evaluate_sae and summarize_features."""
 
+import copy
+
 import pytest
 import torch
 
@@ -117,6 +119,31 @@ def test_blocked_above_finds_every_entry_above_the_floor_in_order(block, tile, m
     assert torch.equal(valid, want_valid) and torch.equal(idx[valid], want_idx[valid]) and want_valid.sum(1).min() < idx.shape[1]
     torch.testing.assert_close(vals, want_vals, atol=1e-5, rtol=1e-5)  # 0 at padding
     assert blocked.blocked_above(x, W, b, floor - 10.0, block) is None  # most entries qualify: the caller goes dense
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "batchtopk", "matryoshka"])
+def test_bfloat16_training_steps_agree_with_float32(name):
+    """The sparse kernels' half-precision backward (sampled_addmm has no bf16 CPU kernel: it runs in float32)."""
+    torch.manual_seed(0)
+    sae = {"jumprelu": lambda: make(1.6, d_sae=32, dtype=torch.float32),
+           "batchtopk": lambda: BatchTopKSAE(BatchTopKConfig(8, 32, 3)),
+           "matryoshka": lambda: MatryoshkaSAE(MatryoshkaConfig(8, 32, 3))}[name]()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(4))
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        s = copy.deepcopy(sae).to(dtype)
+        loss, _ = s.default_objective()(x.to(dtype))
+        torch.autograd.backward(loss)
+        got[dtype] = {n: p.grad.float() for n, p in s.named_parameters() if p.grad is not None}
+    assert set(got[torch.float32]) == set(got[torch.bfloat16]) >= {"W_enc", "W_dec"}
+    for n, g in got[torch.float32].items():  # bf16 keeps 8 bits; the threshold's estimator counts the entries in a
+        if n != "threshold":  # window of width eps, and bf16 rounding moves a few across its edges: not comparable
+            assert (got[torch.bfloat16][n] - g).norm() <= 0.1 * g.norm() + 1e-4, n
+
+
+def test_blocked_above_an_empty_batch_is_empty():
+    vals, idx, valid = blocked.blocked_above(torch.zeros(0, 6), torch.randn(6, 50), torch.zeros(50), torch.zeros(50), 16)
+    assert vals.shape == idx.shape == valid.shape == (0, 1)
 
 
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda d: d["sparsity_loss"])

@@ -7,6 +7,7 @@ import torch
 from nbfeatures.sae import (BatchTopKConfig, BatchTopKSAE, MatryoshkaConfig, MatryoshkaObjective, MatryoshkaSAE, load_sae,
                             save_sae)
 from nbfeatures.sae import blocked
+from nbfeatures.sae.blocked import BLOCK_SIZE
 from nbfeatures.sae.matryoshka import group_columns
 from nbfeatures.train import TrainConfig, train_sae
 from nbfeatures import metrics
@@ -33,12 +34,15 @@ def grads(sae):
     return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
-@pytest.mark.parametrize("block", [None, 5])  # the dense path; tiles of 5 latents x 4 tokens
-@pytest.mark.parametrize("aux", [False, True])
-def test_objective_loss_and_every_gradient_match_the_dense_reference(aux, block, monkeypatch):
+@pytest.mark.parametrize("block", [None, BLOCK_SIZE, 5])  # the dense path; one tile; tiles of 5 latents x 4 tokens
+@pytest.mark.parametrize("aux, skew", [(False, False), (True, False), (True, True)])
+def test_objective_loss_and_every_gradient_match_the_dense_reference(aux, skew, block, monkeypatch):
+    """skew: one token holds most of the batch's top values (the wide re-read; padding columns repeat kept latents)."""
     monkeypatch.setattr(blocked, "_TILE", 20)
     sae = make()
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    if skew:
+        x[0] *= 6
     obj = MatryoshkaObjective(sae, aux_coef=0.5 if aux else 0.0, k_aux=3, dead_tokens=1, block_size=block)
     obj.firing.tokens_since_fired[:] = 5
     loss, logs = obj(x)

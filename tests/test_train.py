@@ -165,3 +165,26 @@ def test_an_interrupted_run_ends_in_eval_mode_and_a_refused_resume_leaves_the_mo
     with pytest.raises(ValueError, match="optimizer.safetensors"):
         train_sae(fresh, x, TrainConfig(steps=9, batch_size=128, checkpoint_dir=str(tmp_path)), progress=False)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_the_loop_steps_with_fused_adamw_also_after_resuming_a_checkpoint_saved_without_it(tmp_path):
+    """A checkpoint's optimizer groups carry the `fused` flag; one written before the loop used the fused kernel says
+    None, and loading it as it is would put the resumed run back on the slow kernel."""
+    from nbfeatures.train import _optimizer, load_checkpoint
+
+    x, _ = planted(n=1024, seed=6)
+    sae = TopKSAE(TopKConfig(32, 64, 3), seed=0)
+    obj = TopKObjective(sae, dead_tokens=500)
+    cfg = TrainConfig(steps=4, batch_size=128, lr=3e-3, checkpoint_every=2, checkpoint_dir=str(tmp_path), warmup_steps=1)
+    train_sae(sae, x, cfg, objective=obj, progress=False)
+    path = latest_checkpoint(tmp_path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    assert [g["fused"] for g in state["optimizer"]["param_groups"]] == [True]  # what the loop used
+    for g in state["optimizer"]["param_groups"]:
+        g["fused"] = None  # as written before
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    opt = _optimizer(sae, obj, 3e-3, cfg)
+    load_checkpoint(path, sae, opt, obj, cfg)
+    assert all(g["fused"] for g in opt.param_groups)
+    meta = TopKSAE(TopKConfig(32, 64, 3), seed=0).to("meta")
+    assert _optimizer(meta, None, 3e-3, cfg).param_groups[0]["fused"] is None  # no fused kernel there: the default one

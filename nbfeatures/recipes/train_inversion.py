@@ -4,9 +4,10 @@
     python -m nbfeatures.recipes.train_inversion tokfsm --steps 5 --out /tmp/d
     python -m nbfeatures.recipes.train_inversion counting --init nbfeatures/zoo/counting/inversion --device cuda --out /tmp/d
 
-`--device cuda` puts the decoder and the probed model on the GPU (pairs are drawn and measured on the CPU, so a seed
-gives the same data on any device); the weights are saved from the CPU and the card's hardware names the device.
-benchmarks/gpu_inversion.sh holds the GPU session's commands (the same commands run on a CPU without the flag).
+`--device cuda` puts the decoder and the probed model on the GPU (inputs are drawn on the CPU and their activations
+come back there, so a seed gives the same pairs on any device); the weights are saved from the CPU and the card's
+hardware names the device. benchmarks/gpu_inversion.sh holds the GPU session's commands (the same commands run on a
+CPU without the flag).
 
 Recipes: which sites, which inputs, which query positions, the decoder's shape and the step budget.
   counting: every default site (residual stream, attention / MLP outputs, the head), queries at the target
@@ -109,7 +110,8 @@ def build(name: str, model_path: str | Path | None = None, cfg: TrainConfig | No
     """(decoder, pair source, train config) for recipe `name` on the zoo model (or the folder `model_path`).
 
     `folder` is where the decoder lives (default: the zoo's); a recipe keeps what its feature sites need there.
-    The decoder and the probed model sit on `device`; pairs are made there and come back to the CPU as batches."""
+    The decoder and the probed model sit on `device`; the inputs are drawn on the CPU, their activations come back
+    there, and the training loop moves each batch to the decoder."""
     if name not in RECIPES:
         raise ValueError(f"unknown decoder recipe {name!r}; available: {sorted(RECIPES)}")
     r = RECIPES[name]

@@ -118,7 +118,8 @@ def _sum_by_latent(rows_M: Tensor, w_M: Tensor, ids_M: Tensor, dense_RD: Tensor,
 
 
 class _ChosenPre(torch.autograd.Function):
-    """out = (x - b_dec) . W_enc[:, idx] + b_enc[idx] whose values `vals` are already known (blocked_topk found them).
+    """out = (x - b_dec) . W_enc[:, idx] + b_enc[idx] whose values `vals` are already known (found tile by tile in
+    blocked.py, without the [N, F] pre).
     The backward is sparse, as _GatherPre's: W_enc's gradient sums g x over each latent's entries (an embedding bag
     per latent), b_dec's is -W_enc grad_b_enc (a GEMV)."""
 
@@ -183,11 +184,12 @@ class _SpanDecode(torch.autograd.Function):
             grad_W = F.embedding_bag(rows_M[order], g_RD, starts, per_sample_weights=w_M[order], mode="sum")
         if ctx.needs_input_grad[0]:
             crow = torch.cat([starts, starts.new_tensor([len(ids_M)])])
+            wide = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # sampled_addmm has no half kernels
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                pattern = torch.sparse_csr_tensor(crow, rows_M[order], w_M.new_zeros(len(ids_M)), (F_, len(g_RD)),
-                                                  check_invariants=False)  # fmt: skip
-            dots = torch.sparse.sampled_addmm(pattern, W_dec_FD, g_RD.t(), beta=0).values()  # W_dec[ids] . g[rows]
+                pattern = torch.sparse_csr_tensor(crow, rows_M[order], torch.zeros(len(ids_M), dtype=wide, device=dev),
+                                                  (F_, len(g_RD)), check_invariants=False)  # fmt: skip
+            dots = torch.sparse.sampled_addmm(pattern, W_dec_FD.to(wide), g_RD.t().to(wide), beta=0).values()  # W_dec[ids] . g[rows]
             grad_acts = torch.zeros(N * K, dtype=dots.dtype, device=dev).index_add_(0, pos_M[order], dots)
             grad_acts = grad_acts.view(N, K).to(acts_NK.dtype)
         return grad_acts, None, grad_W, None

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._checks import int_arg, is_int, real_arg, sizes_arg
 from .base import FiringTracker, UnitNormSAE, check_input, chosen_pre, fvu, gather_pre, span_decode, sparse_decode
-from .blocked import BLOCK_SIZE, auxk_choice, batch_select, blocked_batch_topk
+from .blocked import BLOCK_SIZE, auxk_choice, batch_select, blocked_batch_topk, top_at_least
 from .io import register_architecture
 from .jumprelu import JumpReLUOutput, jumprelu
 
@@ -67,12 +67,7 @@ def batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor, Tensor]:
     (blocked.batch_select: each token's top 2 n_keep / N candidates, widened where a token may hold more)."""
     N, F_ = pre_NF.shape
     vals, idx = pre_NF.topk(min(F_, 2 * math.ceil(n_keep / N)), dim=1, sorted=False)
-    widen = lambda rows, bound: _at_least(pre_NF[rows], bound)  # noqa: E731
-    return batch_select(vals, idx, F_, n_keep, widen)
-
-
-def _at_least(rows_SF: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
-    return rows_SF.topk(max(1, int((rows_SF >= bound if bound > 0 else rows_SF > 0).sum(1).max())), dim=1, sorted=False)
+    return batch_select(vals, idx, F_, n_keep, lambda rows, bound: top_at_least(pre_NF[rows], bound))
 
 
 class BatchTopKSAE(UnitNormSAE):

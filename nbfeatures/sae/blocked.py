@@ -147,7 +147,7 @@ def batch_select(vals_NM: Tensor, idx_NM: Tensor, n_latents: int, n_keep: int, w
 
     The n_keep-th candidate value is a lower bound on the true n_keep-th value; every value a token left out is <= its
     smallest candidate, so only a token whose candidates all reach the bound (and are > 0) may hold more of the top
-    values: widen(rows, bound) gives those rows' values >= bound (> 0 when bound <= 0), padded with -inf. Exact up to
+    values: widen(rows, bound) gives those rows' values >= bound (> 0 when bound <= 0), padded with lower ones. Exact up to
     ties; kept zeros, when fewer values are positive, are harmless. A column not kept may repeat a kept one's index."""
     N, m = vals_NM.shape
     top = vals_NM.flatten().topk(n_keep, sorted=False)
@@ -170,17 +170,20 @@ def _pad(t: Tensor, width: int, fill: float) -> Tensor:
     return t if t.shape[1] == width else torch.cat([t, t.new_full((len(t), width - t.shape[1]), fill)], 1)
 
 
+def top_at_least(pre_SF: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
+    """(vals, idx) [S, W]: the rows' values >= bound (> 0 when bound <= 0), W the most any row has, padded with the
+    next values. The bound is lowered by a few ulps: a row re-computed with another GEMM shape may round its copy of
+    the bound value just below it, which would drop it (extra candidates only widen the final choice)."""
+    low = bound - 4 * torch.finfo(pre_SF.dtype).eps * bound.abs()
+    wide = int((pre_SF >= low if bound > 0 else pre_SF > 0).sum(1).max()) if len(pre_SF) else 1
+    return pre_SF.topk(max(wide, 1), dim=1, sorted=False)
+
+
 @torch.no_grad()
 def rows_at_least(x_SD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
-    """(vals, idx) [S, W]: each row's pre-activations >= bound (> 0 when bound <= 0), padded with -inf; the rows'
-    pre computed _TILE values at a time."""
-    F_ = W_enc_DF.shape[1]
-    R = max(1, _TILE // F_)
-    parts = []
-    for r in range(0, len(x_SD), R):
-        pre = torch.addmm(b_enc_F, x_SD[r : r + R], W_enc_DF)
-        wide = int((pre >= bound if bound > 0 else pre > 0).sum(1).max())
-        parts.append(pre.topk(max(wide, 1), dim=1, sorted=False))
+    """top_at_least of the rows' pre-activations, computed _TILE values at a time; padded with -inf to one width."""
+    R = max(1, _TILE // W_enc_DF.shape[1])
+    parts = [top_at_least(torch.addmm(b_enc_F, x_SD[r : r + R], W_enc_DF), bound) for r in range(0, len(x_SD), R)]
     W = max(v.shape[1] for v, _ in parts)
     return torch.cat([_pad(v, W, float("-inf")) for v, _ in parts]), torch.cat([_pad(i, W, 0) for _, i in parts])
 
@@ -216,6 +219,9 @@ def blocked_above(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, floor_F: Tens
     each token's latents in ascending order. None as soon as more than max_fraction of the entries read so far
     qualify (then the dense matrix is the cheaper way: the caller's business)."""
     N, F_ = x_ND.shape[0], W_enc_DF.shape[1]
+    if N == 0:
+        none = torch.zeros(0, dtype=torch.long, device=x_ND.device)
+        return pack_rows(none, none, x_ND.new_zeros(0), 0)
     C = min(block_size, F_)
     R = max(1, min(N, _TILE // C))
     buf = x_ND.new_empty(R * C)
