@@ -41,3 +41,15 @@ def named(check, fn, words: str, where: str = "\n    (on ") -> CheckFailed:
 
 def stub(*args):
     raise NotImplementedError
+
+
+def passes_and_stub_says_so(check, solution, capsys) -> None:
+    """The reference passes, printing one line `label: passed (...)` and nothing on stderr; a stub prints exactly
+    `label: not implemented yet`; the exercise's status follows each."""
+    check(solution)
+    out = capsys.readouterr()
+    assert out.out.startswith(f"{check.exercise.label}: passed (") and out.out.count("\n") == 1 and out.err == "", out
+    assert check.exercise.status == "passed"
+    check(stub)
+    assert capsys.readouterr().out == f"{check.exercise.label}: not implemented yet\n"
+    assert check.exercise.status == "not implemented"

@@ -13,6 +13,7 @@ from nbfeatures.sae.blocked import BLOCK_SIZE
 from nbfeatures.train import TrainConfig, train_sae
 from nbfeatures import metrics
 from nbfeatures.evals import planted_directions
+from sae_support import grads, reloads_exactly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,10 +39,6 @@ def dense_reference(sae, x, k):
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     latents = dense_batch_topk(pre, k * len(x))
     return latents @ sae.W_dec + sae.b_dec, latents, pre
-
-
-def grads(sae):
-    return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
 @pytest.mark.parametrize("skew", [False, True])
@@ -178,20 +175,9 @@ def test_save_load_is_bit_exact_and_saelens_loads_it_as_its_jumprelu(tmp_path):
     sae = make(dtype=torch.float32).eval()
     with torch.no_grad():
         sae.threshold.fill_(0.35)
-    folder = save_sae(sae, tmp_path / "btk", hook_name="blocks.1.hook_resid_post")
-    back = load_sae(folder)
-    assert type(back) is BatchTopKSAE and back.cfg == sae.cfg and not back.training
+    back, theirs = reloads_exactly(sae, save_sae(sae, tmp_path / "btk", hook_name="blocks.1.hook_resid_post"), 2 * torch.randn(20, 8))
     assert back.metadata["training_architecture"] == "batchtopk" and back.metadata["training_architecture_details"] == {"k": 3}
-    assert all(torch.equal(v, back.state_dict()[k]) for k, v in sae.state_dict().items())
-    x = 2 * torch.randn(20, 8)
-    with torch.no_grad():
-        assert torch.equal(back(x).x_hat, sae(x).x_hat)
-    sae_lens = pytest.importorskip("sae_lens")
-    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
     assert type(theirs).__name__ == "JumpReLUSAE" and torch.equal(theirs.threshold, torch.full((16,), 0.35))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs.encode(x), sae(x).latents, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(theirs(x), sae(x).x_hat, atol=1e-5, rtol=1e-5)
 
 
 def test_a_saelens_batchtopk_inference_folder_loads_as_ours(tmp_path):

@@ -5,6 +5,7 @@ import torch
 
 from nbfeatures.sae.base import fvu, gather_pre, geometric_median, sparse_decode
 from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE
+from sae_support import grads, topk_sae as make
 
 
 def dense_reference(sae, x, k):
@@ -13,19 +14,6 @@ def dense_reference(sae, x, k):
     vals, idx = pre.topk(k, dim=1)
     latents = torch.zeros_like(pre).scatter(1, idx, torch.relu(vals))
     return latents @ sae.W_dec + sae.b_dec, latents, pre
-
-
-def make(d_in=16, d_sae=64, k=4, seed=0):
-    sae = TopKSAE(TopKConfig(d_in, d_sae, k), seed=seed)
-    with torch.no_grad():  # move off the tied init so encoder and decoder gradients differ
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-        sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc))
-    return sae
-
-
-def grads(sae):
-    return {n: p.grad.clone() for n, p in sae.named_parameters()}
 
 
 def test_forward_matches_dense_reference():

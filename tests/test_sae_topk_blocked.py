@@ -12,21 +12,8 @@ from nbfeatures.sae import blocked
 from nbfeatures.sae.base import (FiringTracker, chosen_pre, fvu, gather_pre, remove_parallel_grad_, remove_parallel_grad_lowmem_,
                                  span_decode, sparse_decode)
 from nbfeatures.sae.blocked import blocked_topk, dead_topk
-from nbfeatures.sae.topk import TopKConfig, TopKObjective, TopKSAE
-
-
-def make(d_in=16, d_sae=64, k=4, seed=0):
-    torch.manual_seed(seed)
-    sae = TopKSAE(TopKConfig(d_in, d_sae, k), seed=seed)
-    with torch.no_grad():  # off the tied init, so encoder and decoder gradients differ
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-        sae.W_enc.add_(0.05 * torch.randn_like(sae.W_enc))
-    return sae
-
-
-def grads(sae):
-    return {n: p.grad.clone() for n, p in sae.named_parameters()}
+from nbfeatures.sae.topk import TopKObjective
+from sae_support import grads, topk_sae as make
 
 
 def dense_objective(sae, x, k, k_aux, dead_before, dead_tokens, aux_coef=0.5, multi=False):
