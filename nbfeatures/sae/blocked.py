@@ -64,6 +64,29 @@ def _running_topk(top: tuple[Tensor, Tensor] | None, vals_NC: Tensor, ids_C: Ten
     return vals, ids.gather(1, j)
 
 
+def _tiling(x_ND: Tensor, n_latents: int, block_size: int) -> tuple[int, int, Tensor]:
+    """(C latents, R rows, buffer) of the tiles: R = _TILE / C rows of the batch at a time, one buffer for them all."""
+    C = min(block_size, n_latents)
+    R = max(1, min(x_ND.shape[0], _TILE // C))
+    return C, R, x_ND.new_empty(R * C)
+
+
+def _row_tiles(x_RD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, C: int, buf: Tensor, ids_F: Tensor | None = None):
+    """(j, ids [c], tile [R, c]) for each block of C latents: pre = x W_enc + b_enc of these rows at latents ids (the
+    j-th latent on, or ids_F[j:]), written into buf (valid until the next tile)."""
+    n = W_enc_DF.shape[1] if ids_F is None else len(ids_F)
+    for j in range(0, n, C):
+        c = min(C, n - j)
+        tile = buf[: len(x_RD) * c].view(len(x_RD), c)
+        if ids_F is None:
+            ids = torch.arange(j, j + c, device=x_RD.device)
+            torch.addmm(b_enc_F[j : j + c], x_RD, W_enc_DF[:, j : j + c], out=tile)
+        else:
+            ids = ids_F[j : j + c]
+            torch.addmm(b_enc_F[ids], x_RD, W_enc_DF[:, ids], out=tile)
+        yield j, ids, tile
+
+
 @torch.no_grad()
 def blocked_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, block_size: int, aux_F: Tensor | None = None,
                  k_aux: int = 0, cols_G: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -77,9 +100,8 @@ def blocked_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, block_
     N = x_ND.shape[0]
     ids_F = None if cols_G is None else cols_G.to(x_ND.device)
     F_ = W_enc_DF.shape[1] if ids_F is None else len(ids_F)
-    k, C = min(k, F_), min(block_size, F_)
-    R = max(1, min(N, _TILE // C))
-    buf = x_ND.new_empty(R * C)
+    k = min(k, F_)
+    C, R, buf = _tiling(x_ND, F_, block_size)
     vals, idx = x_ND.new_empty(N, k), torch.empty(N, k, dtype=torch.long, device=x_ND.device)
     aux_vals = aux_idx = None
     if aux_F is not None:
@@ -88,17 +110,8 @@ def blocked_topk(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, block_
         bounds = torch.searchsorted(aux_ids, torch.arange(0, F_ + C, C, device=x_ND.device)).tolist()  # per block
         aux_vals, aux_idx = x_ND.new_empty(N, k_aux), torch.empty(N, k_aux, dtype=torch.long, device=x_ND.device)
     for r in range(0, N, R):
-        x_RD = x_ND[r : r + R]
         top = aux = None
-        for b, j in enumerate(range(0, F_, C)):
-            c = min(C, F_ - j)
-            tile = buf[: len(x_RD) * c].view(len(x_RD), c)
-            if ids_F is None:
-                ids = torch.arange(j, j + c, device=x_ND.device)
-                torch.addmm(b_enc_F[j : j + c], x_RD, W_enc_DF[:, j : j + c], out=tile)
-            else:
-                ids = ids_F[j : j + c]
-                torch.addmm(b_enc_F[ids], x_RD, W_enc_DF[:, ids], out=tile)
+        for b, (j, ids, tile) in enumerate(_row_tiles(x_ND[r : r + R], W_enc_DF, b_enc_F, C, buf, ids_F)):
             top = _running_topk(top, tile, ids, k)
             if aux_F is not None and bounds[b + 1] > bounds[b] and k_aux > 0:
                 here = aux_ids[bounds[b] : bounds[b + 1]]
@@ -222,17 +235,11 @@ def blocked_above(x_ND: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, floor_F: Tens
     if N == 0:
         none = torch.zeros(0, dtype=torch.long, device=x_ND.device)
         return pack_rows(none, none, x_ND.new_zeros(0), 0)
-    C = min(block_size, F_)
-    R = max(1, min(N, _TILE // C))
-    buf = x_ND.new_empty(R * C)
+    C, R, buf = _tiling(x_ND, F_, block_size)
     rows, cols, vals, found, read = [], [], [], 0, 0
     for r in range(0, N, R):
-        x_RD = x_ND[r : r + R]
-        for j in range(0, F_, C):
-            c = min(C, F_ - j)
-            tile = buf[: len(x_RD) * c].view(len(x_RD), c)
-            torch.addmm(b_enc_F[j : j + c], x_RD, W_enc_DF[:, j : j + c], out=tile)
-            rr, cc = (tile > floor_F[j : j + c]).nonzero(as_tuple=True)
+        for j, _, tile in _row_tiles(x_ND[r : r + R], W_enc_DF, b_enc_F, C, buf):
+            rr, cc = (tile > floor_F[j : j + tile.shape[1]]).nonzero(as_tuple=True)
             found, read = found + len(rr), read + tile.numel()
             if found > max_fraction * read:
                 return None
