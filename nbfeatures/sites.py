@@ -75,12 +75,15 @@ def tokenizer_of(model: Model) -> Any:
 def decode_each(tokenizer: Any, ids: list[int]) -> list[str]:
     """Each token id decoded alone, keeping a word's leading space: SentencePiece tokenizers (Llama, Gemma, ...) strip
     it from a decoded string ("▁the" alone decodes to "the", so a sentence's pieces would read "the" "cat" and a
-    subword "play" "ing" could not be told from two words); the raw piece's "▁" says the space was there."""
-    ids = [int(i) for i in ids]
-    pieces = tokenizer.convert_ids_to_tokens(ids) if hasattr(tokenizer, "convert_ids_to_tokens") else [None] * len(ids)
+    subword "play" "ing" could not be told from two words); the raw piece's "▁" says the space was there. An id past
+    the tokenizer's vocabulary (an output embedding padded wider than it, as Pythia's) reads "<id>"."""
+    ids, n = [int(i) for i in ids], len(tokenizer)
+    known = [i for i in ids if i < n]
+    pieces = dict(zip(known, tokenizer.convert_ids_to_tokens(known))) if hasattr(tokenizer, "convert_ids_to_tokens") else {}
     out = []
-    for i, piece in zip(ids, pieces):
-        text = tokenizer.decode([i])
+    for i in ids:
+        text = tokenizer.decode([i]) if i < n else f"<{i}>"
+        piece = pieces.get(i)
         if isinstance(piece, str) and piece.startswith("▁") and not text[:1].isspace():
             text = " " + text
         out.append(text)

@@ -45,7 +45,7 @@ def token_strings(model: sites.Model) -> list[str]:
         raise ValueError("token_strings needs a model wrapped with its tokenizer: wrap(model, tokenizer=...)")
     head = sites.unwrap(model).get_output_embeddings() if hasattr(sites.unwrap(model), "get_output_embeddings") else None
     V = head.weight.shape[0] if head is not None else len(tok)
-    return sites.decode_each(tok, range(min(V, len(tok)))) + [f"<{i}>" for i in range(len(tok), V)]
+    return sites.decode_each(tok, range(V))
 
 
 def promoted_tokens(model: sites.Model, directions: Tensor, k: int = 5) -> Callable[[int], list[str]] | None:
@@ -73,7 +73,7 @@ def promoted_tokens(model: sites.Model, directions: Tensor, k: int = 5) -> Calla
             with torch.no_grad():
                 logits_V = W_U_VD.detach() @ directions[f].to(W_U_VD.device, W_U_VD.dtype)
                 ids = logits_V.float().topk(min(k, len(logits_V))).indices.tolist()
-            cache[f] = [sites.decode_each(tok, [i])[0] if i < len(tok) else f"<{i}>" for i in ids]
+            cache[f] = sites.decode_each(tok, ids)
         return cache[f]
 
     return promoted

@@ -186,6 +186,8 @@ def test_sentencepiece_tokens_decoded_one_at_a_time_keep_their_spaces():
     assert "".join(display_tokens(each)) == " " + text == Spans(tokens_html(each)).read()
     vocab = decode_each(tok, range(len(tok)))  # what token_strings gives a panel
     assert not looks_word_level(vocab) and vocab[tok.convert_tokens_to_ids("▁the")] == " the"
+    n = len(tok)  # ids an output embedding padded wider than the tokenizer has (Pythia's): named, in place
+    assert decode_each(tok, [n + 1, ids[0], n]) == [f"<{n + 1}>", each[0], f"<{n}>"]
 
 
 @pytest.mark.parametrize("piece", ["<bos>", "<|endoftext|>", "<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "[CLS]"])
